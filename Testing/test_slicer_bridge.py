@@ -1,0 +1,366 @@
+"""MedSAGaBridge against real MRML (slicer-core): no mocks of the scene or the nodes."""
+import json
+import math
+import os
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+from vtk.util import numpy_support  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "MedSAGaSlicer", "MedSAGa"))
+import MedSAGaBridge as bridge  # noqa: E402
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def rotation(axis, degrees):
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    m = np.eye(3)
+    a, b = [(1, 2), (0, 2), (0, 1)][axis]
+    m[a, a], m[a, b], m[b, a], m[b, b] = c, -s, s, c
+    return m
+
+
+def make_scene():
+    scene = slicer.vtkMRMLScene()
+    bridge.segmentations_logic(scene)  # module logic attached before segments are created
+    return scene
+
+
+def add_volume(scene, array_kji, directions=np.eye(3), spacing=(1.0, 1.0, 1.0), origin=(0, 0, 0),
+               name="vol"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    k, j, i = array_kji.shape
+    img = vtk.vtkImageData()
+    img.SetDimensions(i, j, k)
+    img.AllocateScalars(vtk.VTK_FLOAT, 1)
+    numpy_support.vtk_to_numpy(img.GetPointData().GetScalars())[:] = \
+        np.ascontiguousarray(array_kji, np.float32).ravel()
+    node.SetAndObserveImageData(img)
+    node.SetSpacing(*spacing)
+    node.SetOrigin(*origin)
+    dm = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            dm.SetElement(r, c, float(directions[r][c]))
+    node.SetIJKToRASDirectionMatrix(dm)
+    return node
+
+
+def add_segmentation(scene, volume, names, geometry_volume=None):
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry_volume or volume)
+    ids = [seg.GetSegmentation().AddEmptySegment("", n) for n in names]
+    return seg, ids
+
+
+def paint(seg, segment_id, volume, mask_kji):
+    """Set a segment from a (k, j, i) mask on ``volume``'s grid (as the Paint effect would)."""
+    img = bridge._oriented_image(mask_kji.astype(np.uint8), bridge.ijk_to_ras(volume))
+    logic = bridge.segmentations_logic(seg.GetScene())
+    assert logic.SetBinaryLabelmapToSegment(img, seg, segment_id, logic.MODE_REPLACE, img.GetExtent())
+
+
+def phantom(shape=(12, 24, 20)):
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    c = [n / 2 for n in shape]
+    r = np.sqrt(((k - c[0]) / shape[0]) ** 2 + ((j - c[1]) / shape[1]) ** 2 + ((i - c[2]) / shape[2]) ** 2)
+    labels = np.zeros(shape, np.uint8)
+    labels[r < 0.42] = 1
+    labels[r < 0.22] = 2
+    image = labels * 100.0 + np.random.default_rng(0).normal(0, 5, shape)
+    return image.astype(np.float32), labels
+
+
+# ------------------------------------------------------------------------------ volumes and axes
+
+def test_volume_array_and_axial_axis():
+    scene = make_scene()
+    image, _ = phantom()
+    vol = add_volume(scene, image, directions=np.diag([-1, -1, 1]), spacing=(0.8, 0.8, 3.0))
+    arr = bridge.volume_array(vol)
+    assert arr.shape == image.shape and np.allclose(arr, image)
+    axes = bridge.anatomical_axes(vol)
+    assert axes == {"sagittal": 2, "coronal": 1, "axial": 0}
+    assert bridge.acquisition_axis(vol) == 0
+    assert bridge.resolve_axis(vol, "auto") == 0
+    assert bridge.axis_name(vol, 0) == "axial"
+
+
+def test_sagittal_volume_axes():
+    scene = make_scene()
+    image, _ = phantom()
+    # I -> A, J -> S (inverted), K -> R: a sagittal acquisition
+    directions = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)
+    vol = add_volume(scene, image, directions=directions, spacing=(1, 1, 2.5))
+    axes = bridge.anatomical_axes(vol)
+    assert axes["sagittal"] == 0 and axes["axial"] == 1 and axes["coronal"] == 2
+    assert bridge.resolve_axis(vol, "auto") == 0  # acquisition axis
+    assert bridge.resolve_axis(vol, "axial") == 1
+
+
+def test_oblique_volume_axes_are_distinct():
+    scene = make_scene()
+    image, _ = phantom()
+    directions = rotation(0, 30) @ rotation(2, 20)
+    vol = add_volume(scene, image, directions=directions)
+    axes = bridge.anatomical_axes(vol)
+    assert sorted(axes.values()) == [0, 1, 2]
+    assert axes["axial"] == 0
+
+
+def test_auto_axis_follows_the_annotations():
+    scene = make_scene()
+    image, truth = phantom()
+    vol = add_volume(scene, image)
+    seg, ids = add_segmentation(scene, vol, ["outer", "inner"])
+    mask = np.zeros_like(truth)
+    mask[:, :, [6, 13]] = truth[:, :, [6, 13]]  # painted on two sagittal (I) slices
+    for c, sid in enumerate(ids, start=1):
+        paint(seg, sid, vol, mask == c)
+    ann = bridge.class_labels(seg, vol)
+    assert ann.axis == 2 and ann.slices == [6, 13]
+    assert bridge.class_labels(seg, vol, axis="axial").axis == 0
+
+
+# ------------------------------------------------------------------------------ segmentation -> labels
+
+def test_class_labels_slices_empty_and_overlap():
+    scene = make_scene()
+    image, truth = phantom()
+    vol = add_volume(scene, image, directions=np.diag([-1, -1, 1]))
+    seg, ids = add_segmentation(scene, vol, ["outer", "inner", "nothing"])
+    painted = [3, 8]
+    outer = np.zeros_like(truth)
+    inner = np.zeros_like(truth)
+    for s in painted:
+        outer[s] = truth[s] >= 1  # outer includes inner: overlapping segments
+        inner[s] = truth[s] == 2
+    paint(seg, ids[0], vol, outer)
+    paint(seg, ids[1], vol, inner)
+    ann = bridge.class_labels(seg, vol)
+    assert ann.class_names == ["outer", "inner", "nothing"]
+    assert ann.axis == 0 and ann.slices == painted
+    assert ann.empty_segments == ["nothing"]
+    assert ann.overlap_voxels == int(inner.sum())
+    expected = np.zeros_like(truth)
+    expected[outer.astype(bool)] = 1
+    expected[inner.astype(bool)] = 2  # later segment wins
+    assert np.array_equal(ann.labels, expected)
+
+
+def test_class_labels_when_segmentation_geometry_differs():
+    scene = make_scene()
+    image, truth = phantom()
+    vol = add_volume(scene, image, spacing=(1, 1, 2))
+    # segmentation on a finer, shifted grid (half voxel size in-plane, same slices)
+    fine = add_volume(scene, np.zeros((12, 48, 40), np.float32), spacing=(0.5, 0.5, 2),
+                      origin=(-0.25, -0.25, 0), name="fine")
+    seg, ids = add_segmentation(scene, vol, ["outer"], geometry_volume=fine)
+    mask_fine = np.zeros((12, 48, 40), np.uint8)
+    mask_fine[5, 10:30, 8:24] = 1  # 20x16 fine voxels = 10x8 coarse voxels
+    paint(seg, ids[0], fine, mask_fine)
+    ann = bridge.class_labels(seg, vol)
+    assert ann.slices == [5]
+    assert ann.labels.shape == image.shape
+    assert int(ann.labels.sum()) == 80
+    assert np.array_equal(np.argwhere(ann.labels[5])[[0, -1]], [[5, 4], [14, 11]])
+
+
+def test_no_segments_is_a_clear_error():
+    scene = make_scene()
+    vol = add_volume(scene, phantom()[0])
+    seg, _ = add_segmentation(scene, vol, [])
+    with pytest.raises(bridge.BridgeError, match="no segments"):
+        bridge.class_labels(seg, vol)
+
+
+# ------------------------------------------------------------------------------ prediction -> segments
+
+def _setup_painted(directions=np.eye(3), geometry_volume=None):
+    scene = make_scene()
+    image, truth = phantom()
+    vol = add_volume(scene, image, directions=directions)
+    seg, ids = add_segmentation(scene, vol, ["outer", "inner"], geometry_volume)
+    drawn = np.zeros_like(truth)
+    for s in (2, 9):
+        drawn[s] = truth[s]
+    drawn[2, 0, 0] = 1  # a stroke the model would never predict
+    for c, sid in enumerate(ids, start=1):
+        paint(seg, sid, vol, drawn == c)
+    return scene, vol, seg, ids, truth, drawn
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_apply_prediction_keeps_annotated_slices_and_undoes(oblique):
+    directions = rotation(1, 25) if oblique else np.eye(3)
+    scene, vol, seg, ids, truth, drawn = _setup_painted(directions)
+    ann = bridge.class_labels(seg, vol)
+    assert ann.slices == [2, 9]
+    before = [bridge.segment_array(seg, sid, vol).copy() for sid in ids]
+    undo = bridge.UndoHistory(seg, vol)
+    prediction = truth.copy()
+    prediction[2] = 2  # garbage on an annotated slice: must be ignored
+    written = bridge.apply_prediction(seg, vol, prediction, ["outer", "inner"], ann.axis,
+                                      protected_slices=ann.slices, undo=undo)
+    assert written["outer"] > 0 and written["inner"] > 0
+    after = bridge.class_labels(seg, vol, axis=0).labels
+    for s in ann.slices:
+        assert np.array_equal(after[s], drawn[s])
+    others = [s for s in range(truth.shape[0]) if s not in ann.slices]
+    assert np.array_equal(after[others], truth[others])
+    undo.undo()
+    for sid, b in zip(ids, before):
+        assert np.array_equal(bridge.segment_array(seg, sid, vol), b)
+    undo.redo()
+    assert np.array_equal(bridge.class_labels(seg, vol, axis=0).labels[others], truth[others])
+
+
+def test_apply_prediction_with_different_segmentation_geometry():
+    scene = make_scene()
+    image, truth = phantom()
+    vol = add_volume(scene, image, spacing=(1, 1, 2))
+    fine = add_volume(scene, np.zeros((12, 48, 40), np.float32), spacing=(0.5, 0.5, 2),
+                      origin=(-0.25, -0.25, 0), name="fine")
+    seg, ids = add_segmentation(scene, vol, ["outer", "inner"], geometry_volume=fine)
+    drawn_fine = np.zeros((12, 48, 40), np.uint8)
+    drawn_fine[4, 11:31, 7:27] = 1
+    drawn_fine[4, 3, 3] = 1  # a single fine voxel: would not survive a round trip via the coarse grid
+    paint(seg, ids[0], fine, drawn_fine)
+    before_fine = bridge._segment_on_reference(seg, ids[0], bridge.segmentation_reference_image(seg))
+    ann = bridge.class_labels(seg, vol)
+    assert ann.slices == [4]
+    bridge.apply_prediction(seg, vol, truth, ["outer", "inner"], ann.axis, protected_slices=ann.slices,
+                            undo=bridge.UndoHistory(seg, vol))
+    after_fine = bridge._segment_on_reference(seg, ids[0], bridge.segmentation_reference_image(seg))
+    assert np.array_equal(after_fine[4], before_fine[4])  # exactly as drawn, at full resolution
+    after = bridge.class_labels(seg, vol, axis=0).labels
+    assert np.array_equal(after[7], truth[7])
+
+
+def test_model_classes_not_matching_segments():
+    scene, vol, seg, ids, truth, drawn = _setup_painted()
+    with pytest.raises(bridge.ClassMismatchError, match="liver"):
+        bridge.apply_prediction(seg, vol, truth, ["outer", "liver"], 0, protected_slices=[2, 9])
+    with pytest.raises(bridge.ClassMismatchError):
+        bridge.apply_prediction(seg, vol, truth * 2, ["outer", "inner"], 0)
+    # nothing changed by the failed calls
+    assert np.array_equal(bridge.class_labels(seg, vol, axis=0).labels, drawn)
+    # opt-in: missing classes become new segments
+    bridge.apply_prediction(seg, vol, truth, ["outer", "liver"], 0, protected_slices=[2, 9],
+                            create_missing=True)
+    assert [n for _, n in bridge.segments(seg)] == ["outer", "inner", "liver"]
+
+
+def test_write_segment_slices_for_one_segment():
+    scene, vol, seg, ids, truth, drawn = _setup_painted()
+    undo = bridge.UndoHistory(seg, vol)
+    mask = np.zeros(truth.shape[1:], np.uint8)
+    mask[5:10, 5:10] = 1
+    bridge.write_segment_slices(seg, vol, ids[1], {6: mask, 7: mask}, 0, undo=undo)
+    inner = bridge.segment_array(seg, ids[1], vol)
+    assert np.array_equal(inner[6], mask) and np.array_equal(inner[7], mask)
+    assert np.array_equal(inner[9], (drawn[9] == 2))
+    undo.undo()
+    assert not bridge.segment_array(seg, ids[1], vol)[6].any()
+
+
+# ------------------------------------------------------------------------------ boxes
+
+def test_bbox_and_propagation():
+    _, truth = phantom()
+    image = (truth > 0).astype(np.float32)
+    assert bridge.bbox_2d(np.zeros((4, 4))) is None
+    assert bridge.bbox_2d(truth[6] > 0) == tuple(int(v) for v in (
+        np.nonzero((truth[6] > 0).any(0))[0][0], np.nonzero((truth[6] > 0).any(1))[0][0],
+        np.nonzero((truth[6] > 0).any(0))[0][-1], np.nonzero((truth[6] > 0).any(1))[0][-1]))
+    boxes = []
+
+    def predict(slice2d, box):  # inside the box, threshold: a stand-in for the network
+        boxes.append(box)
+        x0, y0, x1, y1 = box
+        out = np.zeros(slice2d.shape, bool)
+        out[y0:y1 + 1, x0:x1 + 1] = slice2d[y0:y1 + 1, x0:x1 + 1] > 0.5
+        return out
+
+    start = 6
+    res = bridge.propagate(predict, image, 0, start, bridge.bbox_2d(truth[start] > 0), margin=2)
+    nonempty = [s for s in range(truth.shape[0]) if (truth[s] > 0).sum() >= 4]
+    assert sorted(res) == nonempty
+    for s, m in res.items():
+        assert np.array_equal(m, truth[s] > 0)
+
+
+# ------------------------------------------------------------------------------ files and processes
+
+def test_files_keep_geometry(tmp_path):
+    scene = make_scene()
+    image, truth = phantom()
+    vol = add_volume(scene, image, directions=rotation(2, 15), spacing=(0.7, 0.9, 2.0), origin=(3, -4, 5))
+    path = bridge.write_labels(truth, vol, str(tmp_path / "labels.nrrd"))
+    assert np.array_equal(bridge.read_labels(path, vol), truth)
+    bridge.write_volume(vol, str(tmp_path / "image.nrrd"))
+    sitk = pytest.importorskip("SimpleITK")
+    img = sitk.ReadImage(str(tmp_path / "image.nrrd"))
+    assert np.allclose(sitk.GetArrayFromImage(img), image)
+    # MRML RAS -> ITK LPS
+    ras = bridge.ijk_to_ras(vol)
+    lps = np.diag([-1, -1, 1]) @ ras[:3, 3]
+    assert np.allclose(img.GetOrigin(), lps, atol=1e-4)
+    other = add_volume(scene, image, name="other")
+    with pytest.raises(bridge.BridgeError, match="grid"):
+        bridge.read_labels(path, other)
+
+
+def test_prepare_finetune_writes_selected_slices(tmp_path):
+    scene, vol, seg, ids, truth, drawn = _setup_painted()
+    inputs = bridge.prepare_finetune(vol, seg, str(tmp_path), slices=[9])
+    labels = bridge.read_labels(inputs.labels, vol)
+    assert inputs.slices == [9]
+    assert np.array_equal(labels[9], drawn[9]) and not labels[2].any()
+    cmd = bridge.finetune_command(inputs.image, inputs.labels, "m.medsaga", slices=inputs.slices,
+                                  classes=inputs.annotations.class_names, axis=0, steps=3, rank=4)
+    assert cmd[1:4] == ["-m", "MedSAGaLib.cli", "finetune"]
+    assert cmd[cmd.index("--slices") + 1] == "9" and cmd[cmd.index("--steps") + 1] == "3"
+    assert cmd[cmd.index("--classes") + 1:cmd.index("--classes") + 3] == ["outer", "inner"]
+    assert cmd[-4:] == ["--progress", "json", "-o", "m.medsaga"]
+    with pytest.raises(bridge.BridgeError, match="No annotated slice"):
+        bridge.prepare_finetune(vol, seg, str(tmp_path), slices=[5])
+
+
+def test_job_parses_progress_and_cancels(tmp_path):
+    script = tmp_path / "fake.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, time
+        print("starting", flush=True)
+        for step in range(1, 1000):
+            print(json.dumps({"step": step, "steps": 999, "loss": 1.0 / step, "lr": 1e-3,
+                              "elapsed": step * 0.01, "eta": 9.0, "val_dice": {"a": 0.5}}), flush=True)
+            if step == 3 and sys.argv[1] == "short":
+                break
+            time.sleep(0.02)
+    """))
+    job = bridge.Job([sys.executable, str(script), "short"])
+    assert job.wait(60) == "done"
+    assert [r["step"] for r in job.records] == [1, 2, 3] and job.log == ["starting"]
+    assert "val Dice 0.500" in bridge.progress_text(job.last)
+    job = bridge.Job([sys.executable, str(script), "long"])
+    for _ in range(500):
+        job.poll()
+        if job.records:
+            break
+        import time
+        time.sleep(0.02)
+    job.cancel()
+    assert job.wait(30) == "cancelled"
+    assert job.records and job.records[-1]["step"] < 999
+    failing = bridge.Job([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+    assert failing.wait(30) == "failed" and "boom" in failing.error_text()
+    assert json.dumps(bridge.format_eta(3725)) == '"1:02:05"'
