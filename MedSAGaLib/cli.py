@@ -1,0 +1,167 @@
+"""The ``medsaga`` command line: segment, info, finetune, evaluate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .models import BASE_MODELS, ModelError
+from .modelfile import ModelFileError
+from .volume import VolumeError
+
+USER_ERRORS = (VolumeError, ModelFileError, ModelError, ValueError, FileNotFoundError, MemoryError)
+
+
+def _add_common_image_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--axis", default=None,
+                        help="slice axis: axial (default), coronal, sagittal (from the image's directions), or voxel axis i/j/k")
+    parser.add_argument("--slices", default=None, help="slices along the axis: A:B (B excluded) or a list 12,40,77 (from 0)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--window", default=None,
+                        help="intensity window CENTRE,WIDTH or a CT preset (ct-soft, ct-abdomen, ct-lung, ct-bone, ct-brain); "
+                             "default: the model's own setting, else volume percentiles (MR)")
+
+
+def add_segment_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "segment", help="segment a volume slice by slice",
+        description="Segment every slice (or --slices) of a volume with an adapted model, or with box prompts.")
+    parser.add_argument("image", help="NIfTI, NRRD, MetaImage file or a DICOM series folder")
+    parser.add_argument("--model", default="litemedsam",
+                        help=f"adapted model file, or a base model ({', '.join(BASE_MODELS)}) for box prompts or an untrained head")
+    parser.add_argument("--checkpoint", default=None, help="SAM checkpoint file for vit_b/vit_l/vit_h")
+    parser.add_argument("--image-size", type=int, default=None, help="model input size for vit_* base models")
+    parser.add_argument("--classes", nargs="+", default=None, help="class names (untrained head on a base model)")
+    parser.add_argument("--boxes-from", default=None, metavar="LABELS",
+                        help="label volume or .seg.nrrd: prompt each slice with each label's bounding box (zero-shot)")
+    parser.add_argument("--box-margin", type=int, default=0, help="pixels added around each box (default 0)")
+    parser.add_argument("-o", "--output", required=True, help="output segmentation (.seg.nrrd)")
+    parser.add_argument("--labelmap", default=None, help="also write a plain label volume (e.g. OUT.nii.gz)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    _add_common_image_args(parser)
+    parser.set_defaults(func=run_segment)
+
+
+def run_segment(args) -> int:
+    import numpy as np
+
+    from .inference import resolve_device, segment_volume, segment_with_boxes
+    from .modelfile import is_model_file, load_model
+    from .models import build_base_model
+    from .segio import read_labels, write_labelmap, write_seg_nrrd
+    from .volume import array_from_image, normalize_with, parse_slices, parse_window, preprocessing_settings, read_volume, slice_axis
+
+    if not str(args.output).lower().endswith(".seg.nrrd"):
+        raise ValueError(f"Output {args.output} must end in .seg.nrrd (use --labelmap for a plain label volume).")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1.")
+    image = read_volume(args.image)
+    array = array_from_image(image)
+    device = resolve_device(args.device)
+    window = parse_window(args.window)
+
+    if args.boxes_from:
+        if is_model_file(args.model):
+            raise ValueError("--boxes-from prompts a base model; give --model litemedsam or vit_b/vit_l/vit_h with --checkpoint.")
+        box_labels, names, colors = read_labels(args.boxes_from, image)
+        axis = slice_axis(image, args.axis or "axial")
+        slices = parse_slices(args.slices, array.shape[axis])
+        array01 = normalize_with(array, preprocessing_settings(window))
+        base = build_base_model(args.model, checkpoint=args.checkpoint, image_size=args.image_size)
+        labels = segment_with_boxes(base, array01, box_labels, axis, slices, margin=args.box_margin, device=device)
+    else:
+        if not is_model_file(args.model) and not args.classes:
+            raise ValueError(
+                f"{args.model} is a base model: fine-tune it first (medsaga finetune), prompt it with --boxes-from, "
+                "or name --classes for an untrained head.")
+        segmenter = load_model(args.model, class_names=None if is_model_file(args.model) else args.classes,
+                               checkpoint=args.checkpoint, image_size=args.image_size)
+        if not is_model_file(args.model):
+            print("Note: an untrained k-class head gives SAM's prompt-free guess; fine-tune for real results.", file=sys.stderr)
+        meta = segmenter.metadata
+        axis = slice_axis(image, args.axis or meta.get("axis") or "axial")
+        slices = parse_slices(args.slices, array.shape[axis])
+        settings = preprocessing_settings(window) if window is not None else meta.get("preprocessing", {})
+        array01 = normalize_with(array, settings)
+        labels = segment_volume(segmenter, array01, axis, slices, args.batch_size, device)
+        names, colors = segmenter.class_names, segmenter.class_colors
+
+    out = write_seg_nrrd(args.output, labels, image, names, colors)
+    print(f"Wrote {out} ({len(names)} segments: {', '.join(names)})")
+    if args.labelmap:
+        print(f"Wrote {write_labelmap(args.labelmap, labels, image)}")
+    counts = {name: int((labels == value).sum()) for value, name in enumerate(names, start=1)}
+    print("Voxels per segment: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def add_info_parser(subparsers) -> None:
+    parser = subparsers.add_parser("info", help="print a model file's metadata")
+    parser.add_argument("model", help="adapted model file")
+    parser.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    parser.set_defaults(func=run_info)
+
+
+def run_info(args) -> int:
+    from .modelfile import read_metadata
+
+    meta = read_metadata(args.model)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    print(f"MedSAGa model {args.model}")
+    print(f"  format version : {meta.get('format_version')}")
+    print(f"  base model     : {meta.get('base_model')} ({meta.get('image_size')} px)")
+    print(f"  classes        : {', '.join(meta.get('class_names', []))}")
+    print(f"  preprocessing  : {json.dumps(meta.get('preprocessing'))}")
+    if meta.get("axis"):
+        print(f"  slice axis     : {meta['axis']}")
+    training = meta.get("training")
+    if training:
+        keys = ("method", "steps", "rank", "lr", "train_slices")
+        print("  training       : " + ", ".join(f"{k}={training[k]}" for k in keys if k in training))
+    else:
+        print("  training       : none (untrained head)")
+    dice = meta.get("validation_dice")
+    if dice:
+        print("  validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if isinstance(v, (int, float))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medsaga", description="Few-shot, memory-efficient medical image segmentation with SAM and GaLore.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_segment_parser(subparsers)
+    add_info_parser(subparsers)
+    for module, names in (("cli_train", ("add_finetune_parser", "add_evaluate_parser")), ("bench.cli", ("add_bench_parser",))):
+        try:
+            imported = __import__(f"{__package__}.{module}", fromlist=list(names))
+        except ModuleNotFoundError as exc:  # optional parts still being built
+            if exc.name and exc.name.startswith(__package__):
+                continue
+            raise
+        for name in names:
+            if hasattr(imported, name):
+                getattr(imported, name)(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("medsaga: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        print(f"medsaga {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Prompt-free k-class segmentation head (as in SAMed) and MedSAM-style box prompting.
+
+The mask decoder gets k+1 output tokens (background + k classes); the prompt encoder contributes
+its default no-prompt embedding; the k+1 mask logits go through softmax/argmax into a label map.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import Architecture, BaseSam, _mask_decoder
+
+# A colour per class, as Slicer's generic anatomy colours cycle (r, g, b in 0..1).
+DEFAULT_COLORS = [
+    (0.945, 0.839, 0.569),
+    (0.502, 0.682, 0.502),
+    (0.847, 0.396, 0.310),
+    (0.435, 0.722, 0.824),
+    (0.867, 0.510, 0.396),
+    (0.565, 0.933, 0.565),
+    (0.753, 0.408, 0.690),
+    (0.863, 0.961, 0.078),
+]
+
+
+def default_colors(count: int) -> list[tuple[float, float, float]]:
+    return [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(count)]
+
+
+def class_decoder_from_pretrained(pretrained: nn.Module, num_classes: int, seed: int = 0) -> nn.Module:
+    """A mask decoder with ``num_classes + 1`` tokens that starts from SAM's pretrained decoder.
+
+    Slot 0 (background) copies the single-mask token with its hypernetwork's output negated, so the
+    untrained background logit is the opposite of SAM's own mask. Class c copies pretrained token
+    (c - 1) mod 4 and its hypernetwork: SAM's four tokens differ, so the classes are not symmetric
+    (identical copies make argmax ties that the first class always wins). Classes beyond four get
+    small noise on top of their copy for the same reason.
+    """
+    if num_classes < 1:
+        raise ValueError("A segmentation head needs at least one class.")
+    decoder = _mask_decoder(num_multimask_outputs=num_classes)
+    shared = {
+        k: v
+        for k, v in pretrained.state_dict().items()
+        if not k.startswith(("mask_tokens", "output_hypernetworks_mlps", "iou_prediction_head.layers.2"))
+    }
+    decoder.load_state_dict(shared, strict=False)
+    generator = torch.Generator().manual_seed(seed)
+    sources = [0] + [(c - 1) % pretrained.num_mask_tokens for c in range(1, num_classes + 1)]
+    with torch.no_grad():
+        last_iou = pretrained.iou_prediction_head.layers[-1]
+        for slot, source in enumerate(sources):
+            token = pretrained.mask_tokens.weight[source].clone()
+            if slot > pretrained.num_mask_tokens:
+                token += 0.02 * token.std() * torch.randn(token.shape, generator=generator)
+            decoder.mask_tokens.weight[slot] = token
+            decoder.output_hypernetworks_mlps[slot].load_state_dict(
+                pretrained.output_hypernetworks_mlps[source].state_dict()
+            )
+            decoder.iou_prediction_head.layers[-1].weight[slot] = last_iou.weight[source]
+            decoder.iou_prediction_head.layers[-1].bias[slot] = last_iou.bias[source]
+        background_out = decoder.output_hypernetworks_mlps[0].layers[-1]
+        background_out.weight.neg_()
+        background_out.bias.neg_()
+    return decoder
+
+
+class ClassSegmenter(nn.Module):
+    """SAM adapted to k classes without prompts: images in [0, 1] -> k+1 logits per pixel."""
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        architecture: Architecture,
+        class_names: Sequence[str],
+        class_colors: Optional[Sequence[Sequence[float]]] = None,
+        pixel_mean: Optional[torch.Tensor] = None,
+        pixel_std: Optional[torch.Tensor] = None,
+    ) -> None:
+        super().__init__()
+        if mask_decoder.num_mask_tokens != len(class_names) + 1:
+            raise ValueError(
+                f"The decoder has {mask_decoder.num_mask_tokens - 1} class slots but "
+                f"{len(class_names)} class names were given."
+            )
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.architecture = architecture
+        self.class_names = list(class_names)
+        self.class_colors = [tuple(float(x) for x in c) for c in (class_colors or default_colors(len(class_names)))]
+        if len(self.class_colors) != len(self.class_names):
+            raise ValueError("Give one colour per class.")
+        mean = pixel_mean if pixel_mean is not None else torch.zeros(1, 3, 1, 1)
+        std = pixel_std if pixel_std is not None else torch.ones(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean.clone().view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", std.clone().view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_base(
+        cls,
+        base: BaseSam,
+        class_names: Sequence[str],
+        class_colors: Optional[Sequence[Sequence[float]]] = None,
+        seed: int = 0,
+    ) -> "ClassSegmenter":
+        decoder = class_decoder_from_pretrained(base.mask_decoder, len(class_names), seed=seed)
+        return cls(
+            base.image_encoder,
+            base.prompt_encoder,
+            decoder,
+            copy.deepcopy(base.architecture),
+            class_names,
+            class_colors,
+            base.pixel_mean,
+            base.pixel_std,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        return self.architecture.image_size
+
+    @property
+    def base_name(self) -> str:
+        return self.architecture.base
+
+    def encode(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder((images01 - self.pixel_mean) / self.pixel_std)
+
+    def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Image embeddings -> k+1 logits at the model's input size."""
+        batch = embeddings.shape[0]
+        sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
+        low_res, _ = self.mask_decoder.predict_masks(
+            image_embeddings=embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse.expand(batch, -1, -1),
+            dense_prompt_embeddings=dense.expand(batch, -1, -1, -1),
+        )
+        return F.interpolate(low_res, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(images01))
+
+
+@torch.no_grad()
+def predict_boxes(base: BaseSam, images01: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+    """MedSAM-style box prompting: one box per image (pixels of the model input) -> mask logits [B,1,S,S]."""
+    embeddings = base.image_encoder(base.normalize(images01))
+    boxes = boxes_xyxy.to(embeddings.device, torch.float32).reshape(-1, 1, 4)
+    sparse, dense = base.prompt_encoder(points=None, boxes=boxes, masks=None)
+    low_res, _ = base.mask_decoder(
+        image_embeddings=embeddings,
+        image_pe=base.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    size = base.image_size
+    return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
