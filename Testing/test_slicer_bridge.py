@@ -278,16 +278,19 @@ def test_bbox_and_propagation():
     _, truth = phantom()
     image = (truth > 0).astype(np.float32)
     assert bridge.bbox_2d(np.zeros((4, 4))) is None
-    assert bridge.bbox_2d(truth[6] > 0) == tuple(int(v) for v in (
-        np.nonzero((truth[6] > 0).any(0))[0][0], np.nonzero((truth[6] > 0).any(1))[0][0],
-        np.nonzero((truth[6] > 0).any(0))[0][-1], np.nonzero((truth[6] > 0).any(1))[0][-1]))
+    square = np.zeros((10, 12), bool)
+    square[2:5, 3:9] = True
+    assert bridge.bbox_2d(square) == (3, 2, 9, 5)
+    assert bridge.bbox_2d(square, margin=4) == (0, 0, 12, 9)
+    from MedSAGaLib.inference import bounding_box
+    assert list(bridge.bbox_2d(square, 1)) == bounding_box(square, 1)  # the library's convention
     boxes = []
 
     def predict(slice2d, box):  # inside the box, threshold: a stand-in for the network
         boxes.append(box)
         x0, y0, x1, y1 = box
         out = np.zeros(slice2d.shape, bool)
-        out[y0:y1 + 1, x0:x1 + 1] = slice2d[y0:y1 + 1, x0:x1 + 1] > 0.5
+        out[y0:y1, x0:x1] = slice2d[y0:y1, x0:x1] > 0.5
         return out
 
     start = 6
@@ -327,6 +330,7 @@ def test_prepare_finetune_writes_selected_slices(tmp_path):
     assert np.array_equal(labels[9], drawn[9]) and not labels[2].any()
     cmd = bridge.finetune_command(inputs.image, inputs.labels, "m.medsaga", slices=inputs.slices,
                                   classes=inputs.annotations.class_names, axis=0, steps=3, rank=4)
+    assert cmd[cmd.index("--axis") + 1] == "k"  # numpy axis 0 of (k, j, i) = voxel axis k
     assert cmd[1:4] == ["-m", "MedSAGaLib.cli", "finetune"]
     assert cmd[cmd.index("--slices") + 1] == "9" and cmd[cmd.index("--steps") + 1] == "3"
     assert cmd[cmd.index("--classes") + 1:cmd.index("--classes") + 3] == ["outer", "inner"]
@@ -364,3 +368,17 @@ def test_job_parses_progress_and_cancels(tmp_path):
     failing = bridge.Job([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
     assert failing.wait(30) == "failed" and "boom" in failing.error_text()
     assert json.dumps(bridge.format_eta(3725)) == '"1:02:05"'
+
+
+@pytest.mark.parametrize("directions", [np.diag([-1, -1, 1]),
+                                        np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float),
+                                        rotation(0, 30) @ rotation(2, 20)])
+def test_axes_agree_with_the_library_on_written_files(tmp_path, directions):
+    from MedSAGaLib.volume import read_volume, slice_axis
+    scene = make_scene()
+    vol = add_volume(scene, phantom()[0], directions=directions)
+    image = read_volume(bridge.write_volume(vol, str(tmp_path / "v.nrrd")))
+    for name in ("axial", "coronal", "sagittal"):
+        assert slice_axis(image, name) == bridge.resolve_axis(vol, name)
+    for axis in (0, 1, 2):
+        assert slice_axis(image, bridge.cli_axis(axis)) == axis

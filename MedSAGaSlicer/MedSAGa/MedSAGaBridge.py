@@ -476,7 +476,8 @@ def write_segment_slices(segmentation_node, volume_node, segment_id, masks, axis
 # boxes (effect: box prompt and propagation)
 
 def bbox_2d(mask, margin=0):
-    """(x0, y0, x1, y1) pixel box (inclusive, in the 2-D slice's (col, row)) or None."""
+    """(x0, y0, x1, y1) box of a 2-D mask in slice pixels (column, row; x1/y1 exclusive, as
+    MedSAGaLib's boxes), grown by ``margin``; None when the mask is empty."""
     mask = np.asarray(mask) != 0
     if not mask.any():
         return None
@@ -484,7 +485,7 @@ def bbox_2d(mask, margin=0):
     cols = np.nonzero(mask.any(axis=0))[0]
     h, w = mask.shape
     return (max(int(cols[0]) - margin, 0), max(int(rows[0]) - margin, 0),
-            min(int(cols[-1]) + margin, w - 1), min(int(rows[-1]) + margin, h - 1))
+            min(int(cols[-1]) + 1 + margin, w), min(int(rows[-1]) + 1 + margin, h))
 
 
 def propagate(predict, array, axis, start, box, direction=(1, -1), max_slices=None,
@@ -595,6 +596,13 @@ def python_executable():
     return exe
 
 
+def cli_axis(axis):
+    """The CLI's --axis for a numpy axis of the (k, j, i) array (0 -> 'k', 1 -> 'j', 2 -> 'i')."""
+    if isinstance(axis, (int, np.integer)):
+        return "kji"[int(axis)]
+    return axis
+
+
 def finetune_command(image, labels, output, slices=None, classes=None, axis=None, base=None,
                      checkpoint=None, method=None, steps=None, rank=None, update_proj_gap=None,
                      scale=None, lr=None, warmup=None, device=None, resume=None, python=None):
@@ -604,7 +612,7 @@ def finetune_command(image, labels, output, slices=None, classes=None, axis=None
         cmd += ["--slices", ",".join(str(int(s)) for s in slices)]
     if classes:
         cmd += ["--classes", *[str(c) for c in classes]]
-    opts = [("--axis", axis), ("--base", base), ("--checkpoint", checkpoint), ("--method", method),
+    opts = [("--axis", None if axis is None else cli_axis(axis)), ("--base", base), ("--checkpoint", checkpoint), ("--method", method),
             ("--steps", steps), ("--rank", rank), ("--update-proj-gap", update_proj_gap),
             ("--scale", scale), ("--lr", lr), ("--warmup", warmup), ("--device", device),
             ("--resume", resume)]
@@ -619,7 +627,7 @@ def segment_command(image, model, output, labelmap, axis=None, slices=None, devi
     cmd = [python or python_executable(), "-m", "MedSAGaLib.cli", "segment", image,
            "--model", model, "-o", output, "--labelmap", labelmap]
     if axis is not None:
-        cmd += ["--axis", str(axis)]
+        cmd += ["--axis", cli_axis(axis)]
     if slices:
         cmd += ["--slices", ",".join(str(int(s)) for s in slices)]
     if device:
@@ -803,3 +811,37 @@ def progress_text(record):
     if record.get("eta") is not None:
         parts.append(f"ETA {format_eta(record['eta'])}")
     return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# in-process model work (the effect: current slice, box prompts); imports torch lazily
+
+def normalized_array(volume_node, preprocessing=None):
+    """The volume in [0, 1] as the model was trained (its preprocessing settings)."""
+    from MedSAGaLib.volume import normalize_with, preprocessing_settings
+    settings = preprocessing or preprocessing_settings(None)
+    return normalize_with(volume_array(volume_node).astype(np.float32), settings)
+
+
+def model_summary(model_path):
+    """(class names, validation Dice dict or {}, metadata) of an adapted model file."""
+    from MedSAGaLib.modelfile import read_metadata
+    meta = read_metadata(model_path)
+    return list(meta.get("class_names") or []), dict(meta.get("validation_dice") or {}), meta
+
+
+def segment_in_process(volume_node, segmenter, axis, slices=None, device="cpu", progress=False):
+    """Class labels (k, j, i) for ``slices`` (all when None) with a loaded ClassSegmenter."""
+    from MedSAGaLib.inference import segment_volume
+    meta = getattr(segmenter, "metadata", {}) or {}
+    array01 = normalized_array(volume_node, meta.get("preprocessing"))
+    return segment_volume(segmenter, array01, axis, slices, 4, device, progress)
+
+
+def box_predictor(volume_node, base, device="cpu"):
+    """``predict(slice01_2d, box) -> bool mask`` with a BaseSam and box prompts."""
+    from MedSAGaLib.inference import predict_box_slice
+
+    def predict(slice01, box):
+        return predict_box_slice(base, slice01, [float(v) for v in box], device)
+    return predict
