@@ -80,6 +80,28 @@ def save_model(path: str | Path, segmenter: ClassSegmenter, metadata: Optional[d
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
 
 
+def _check_complete(path: Path) -> None:
+    """Tell a truncated model file (an interrupted copy) from a foreign one."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= header_size <= 100_000_000:
+            return  # not a safetensors layout; safe_open names the problem
+        text = handle.read(header_size)
+    if len(text) < header_size:
+        raise ModelFileError(f"{path} is truncated: its header is cut short ({size} bytes); copy the file again.")
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if ends and size < 8 + header_size + max(ends):
+        raise ModelFileError(
+            f"{path} is truncated: {size} bytes of {8 + header_size + max(ends)}; copy the file again."
+        )
+
+
 def read_metadata(path: str | Path) -> dict:
     """The metadata of a MedSAGa model file; ModelFileError for anything else."""
     from safetensors import safe_open
@@ -89,6 +111,7 @@ def read_metadata(path: str | Path) -> dict:
         raise ModelFileError(f"Model file not found: {path}")
     if path.is_dir():
         raise ModelFileError(f"{path} is a folder, not a model file.")
+    _check_complete(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
