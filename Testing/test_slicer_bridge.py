@@ -382,3 +382,26 @@ def test_axes_agree_with_the_library_on_written_files(tmp_path, directions):
         assert slice_axis(image, name) == bridge.resolve_axis(vol, name)
     for axis in (0, 1, 2):
         assert slice_axis(image, bridge.cli_axis(axis)) == axis
+
+
+@pytest.mark.parametrize("directions", [np.diag([-1, -1, 1]), rotation(1, 25),
+                                        np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)])
+def test_view_geometry_for_the_effect(directions):
+    scene = make_scene()
+    vol = add_volume(scene, phantom()[0], directions=directions, spacing=(0.9, 1.1, 2.0), origin=(5, 6, 7))
+    m = bridge.ijk_to_ras(vol)
+
+    def ras(i, j, k):
+        return (m @ [i, j, k, 1])[:3]
+
+    for axis in range(3):
+        normal = m[:3, 2 - axis]  # a view looking along the voxel axis
+        assert bridge.axis_from_normal(vol, -normal) == axis
+    assert bridge.slice_index(vol, 0, ras(3, 4, 7.2)) == 7
+    assert bridge.slice_index(vol, 2, ras(13, 4, 7)) == 13
+    assert bridge.slice_index(vol, 0, ras(3, 4, 40)) is None
+    # slice along k: rows j, columns i; along j: rows k, columns i; along i: rows k, columns j
+    assert bridge.box_from_ras(vol, 0, ras(9, 2, 5), ras(3, 8, 5)) == (3, 2, 10, 9)
+    assert bridge.box_from_ras(vol, 1, ras(3, 4, 2), ras(6, 4, 5)) == (3, 2, 7, 6)
+    assert bridge.box_from_ras(vol, 2, ras(1, 4, 2), ras(1, 7, 5)) == (4, 2, 8, 6)
+    assert bridge.box_from_ras(vol, 0, ras(-30, -30, 5), ras(100, 100, 5)) == (0, 0, 20, 24)

@@ -845,3 +845,51 @@ def box_predictor(volume_node, base, device="cpu"):
     def predict(slice01, box):
         return predict_box_slice(base, slice01, [float(v) for v in box], device)
     return predict
+
+
+# --------------------------------------------------------------------------------------------
+# slice views (the effect): RAS positions -> slice axis, slice index, 2-D pixel boxes
+
+def ras_to_ijk(volume_node, ras):
+    """Continuous (i, j, k) of a RAS point in the volume."""
+    m = np.linalg.inv(ijk_to_ras(volume_node))
+    return (m @ np.array([ras[0], ras[1], ras[2], 1.0]))[:3]
+
+
+def axis_from_normal(volume_node, normal_ras):
+    """Numpy axis of the (k, j, i) array whose voxel axis is closest to a view's normal."""
+    dirs = ijk_to_ras(volume_node)[:3, :3]
+    dirs = dirs / np.maximum(np.linalg.norm(dirs, axis=0, keepdims=True), 1e-12)
+    n = np.asarray(normal_ras, float)
+    n = n / max(np.linalg.norm(n), 1e-12)
+    return 2 - int(np.argmax(np.abs(dirs.T @ n)))
+
+
+def slice_index(volume_node, axis, ras):
+    """Index along ``axis`` of the slice through a RAS point (None when outside the volume)."""
+    ijk = ras_to_ijk(volume_node, ras)
+    index = int(round(ijk[2 - axis]))
+    dims = volume_node.GetImageData().GetDimensions()
+    return index if 0 <= index < dims[2 - axis] else None
+
+
+def slice_pixel(volume_node, axis, ras):
+    """(column, row) of a RAS point in the 2-D slice ``np.take(array, index, axis)``."""
+    ijk = ras_to_ijk(volume_node, ras)
+    remaining = [a for a in range(3) if a != axis]  # numpy axes (row, column)
+    row, col = (ijk[2 - a] for a in remaining)
+    return col, row
+
+
+def box_from_ras(volume_node, axis, ras_a, ras_b):
+    """Pixel box (x0, y0, x1, y1; end exclusive) of two RAS corners on a slice, clipped."""
+    (c0, r0), (c1, r1) = slice_pixel(volume_node, axis, ras_a), slice_pixel(volume_node, axis, ras_b)
+    dims = volume_node.GetImageData().GetDimensions()
+    shape = [dims[2 - a] for a in range(3) if a != axis]  # (rows, columns)
+    x0, x1 = sorted((c0, c1))
+    y0, y1 = sorted((r0, r1))
+    x0, y0 = max(int(np.floor(x0 + 0.5)), 0), max(int(np.floor(y0 + 0.5)), 0)
+    x1, y1 = min(int(np.floor(x1 + 0.5)) + 1, shape[1]), min(int(np.floor(y1 + 0.5)) + 1, shape[0])
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return (x0, y0, x1, y1)

@@ -1,0 +1,1 @@
+from .SegmentEditorEffect import SegmentEditorEffect  # noqa: F401
