@@ -198,9 +198,10 @@ def _setup_painted(directions=np.eye(3), geometry_volume=None):
     return scene, vol, seg, ids, truth, drawn
 
 
-@pytest.mark.parametrize("oblique", [False, True])
-def test_apply_prediction_keeps_annotated_slices_and_undoes(oblique):
-    directions = rotation(1, 25) if oblique else np.eye(3)
+@pytest.mark.parametrize("orientation", ["axial", "oblique", "sagittal"])
+def test_apply_prediction_keeps_annotated_slices_and_undoes(orientation):
+    directions = {"axial": np.eye(3), "oblique": rotation(1, 25),
+                  "sagittal": np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)}[orientation]
     scene, vol, seg, ids, truth, drawn = _setup_painted(directions)
     ann = bridge.class_labels(seg, vol)
     assert ann.slices == [2, 9]

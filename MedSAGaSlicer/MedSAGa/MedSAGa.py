@@ -302,8 +302,7 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.enabled = haveInputs and haveModel and not running
         self.ui.saveModelButton.enabled = haveModel and not running
         self.ui.checkpointPathLineEdit.enabled = bool(p and p.baseModel != "litemedsam")
-        undo = self.logic.undoHistory(p.segmentation) if (p and p.segmentation) else None
-        self.ui.undoButton.enabled = bool(undo is not None and self.logic.canUndo(p.segmentation))
+        self.ui.undoButton.enabled = bool(p and p.segmentation and self.logic.canUndo(p.segmentation))
         key = (p.inputVolume.GetID() if p and p.inputVolume else None,
                p.segmentation.GetID() if p and p.segmentation else None,
                p.sliceAxis if p else None)

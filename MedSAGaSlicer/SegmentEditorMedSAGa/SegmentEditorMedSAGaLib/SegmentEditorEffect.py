@@ -118,8 +118,9 @@ model's classes (fine-tune one in the MedSAGa module). Annotated slices are kept
     def updateGUIFromMRML(self):
         path = self.scriptedEffect.parameter("ModelPath") if self.scriptedEffect.parameterDefined("ModelPath") else ""
         if not path:
-            try:  # the model last adapted or loaded in the MedSAGa module
-                path = slicer.modules.medsaga.widgetRepresentation().self()._parameterNode.modelPath
+            try:  # the model last adapted or loaded in the MedSAGa module (its parameter node)
+                import MedSAGa
+                path = MedSAGa.MedSAGaLogic().getParameterNode().modelPath
             except Exception:
                 path = ""
         if path and self.modelPathEdit.currentPath != path:
