@@ -1,0 +1,484 @@
+"""``medsaga finetune`` and ``medsaga evaluate`` (wired into ``cli.py``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .models import BASE_MODELS
+from .training.config import METHODS, FinetuneConfig, TrainingError
+
+
+def _common(parser) -> None:
+    parser.add_argument("--image", required=True, help="NIfTI, NRRD, MetaImage file or a DICOM series folder")
+    parser.add_argument("--labels", required=True, help="label volume on the image's grid, or a .seg.nrrd")
+    parser.add_argument("--axis", default=None, help="slice axis: axial (default), coronal, sagittal, or voxel axis i/j/k")
+    parser.add_argument("--slices", default=None,
+                        help="slices to use, voxel indices along the slice axis from 0: 12,40,77 or A:B")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--window", default=None, help="intensity window CENTRE,WIDTH or a CT preset; default percentiles")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+
+
+def add_finetune_parser(subparsers) -> None:
+    defaults = FinetuneConfig()
+    p = subparsers.add_parser(
+        "finetune", help="adapt SAM to k classes from a few annotated slices",
+        description="Fine-tune a SAM model (GaLore on the image encoder by default) on a few annotated slices "
+                    "and write an adapted model file. Annotated slices not used for training measure validation Dice.")
+    _common(p)
+    p.add_argument("--shots", type=int, default=None, help="use N annotated slices, evenly spread")
+    p.add_argument("--classes", nargs="+", default=None,
+                   help="class names: rename the label values 1..k in order, or pick segments of a .seg.nrrd by name")
+    p.add_argument("--method", choices=METHODS, default=defaults.method, help="training method (default galore)")
+    p.add_argument("--base", default="litemedsam", choices=BASE_MODELS, help="base model (default litemedsam)")
+    p.add_argument("--checkpoint", default=None, help="SAM checkpoint file for vit_b/vit_l/vit_h")
+    p.add_argument("--image-size", type=int, default=None, help="model input size for vit_* (e.g. 512 as SAMed)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {defaults.steps})")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the training slices instead of --steps")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr})")
+    p.add_argument("--encoder-lr", type=float, default=None, help="encoder learning rate (default: --lr)")
+    p.add_argument("--warmup", type=int, default=defaults.warmup, help=f"linear warm-up steps before poly decay (default {defaults.warmup})")
+    p.add_argument("--rank", type=int, default=defaults.rank, help=f"GaLore rank (default {defaults.rank})")
+    p.add_argument("--update-proj-gap", type=int, default=defaults.update_proj_gap, help="steps between GaLore projector updates")
+    p.add_argument("--scale", type=float, default=defaults.scale, help="GaLore scale")
+    p.add_argument("--proj-type", default=defaults.proj_type, help="GaLore projection type (std, left, right, ...)")
+    p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="LoRA rank (method lora)")
+    p.add_argument("--train-stages", type=int, default=None,
+                   help="trailing encoder stages to train, 1-4 (default: the method's); the ones in front are frozen and cached")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, more time)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16/fp16 mixed precision on a GPU, fp32 on the CPU")
+    p.add_argument("--no-augment", action="store_true", help="no data augmentation")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="when every annotated slice would train, hold out this fraction for validation (default 0.2)")
+    p.add_argument("--max-val-slices", type=int, default=defaults.max_val_slices,
+                   help=f"validation slices used during training (default {defaults.max_val_slices}, evenly spread)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, metavar="MODEL", help="continue training an adapted model file")
+    p.add_argument("--progress", choices=("auto", "tqdm", "json", "none"), default="auto",
+                   help="progress: tqdm bar (auto on a terminal), json lines on stdout, or none")
+    p.add_argument("-o", "--output", required=True, help="adapted model file to write (atomically)")
+    p.set_defaults(func=run_finetune)
+
+
+def add_evaluate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="Dice and HD95 per class against reference labels",
+        description="Segment the annotated slices (or --slices) with a model and compare with reference labels.")
+    _common(p)
+    p.add_argument("--model", required=True, help="adapted model file")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=run_evaluate)
+
+
+# --------------------------------------------------------------------------------------------
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        if threads < 1:
+            raise ValueError("--threads must be at least 1.")
+        torch.set_num_threads(threads)
+
+
+def select_classes(labels: np.ndarray, names: list, colors: list, wanted: Optional[list]) -> tuple:
+    """Apply ``--classes``: pick named segments (others become background) or rename values 1..k."""
+    if not wanted:
+        return labels, list(names), list(colors)
+    if len(set(wanted)) != len(wanted):
+        raise ValueError("--classes lists a name twice.")
+    if all(w in names for w in wanted) and list(wanted) != list(names):
+        lookup = np.zeros(len(names) + 1, dtype=np.uint8)
+        for new, w in enumerate(wanted, start=1):
+            lookup[names.index(w) + 1] = new
+        return lookup[labels], list(wanted), [colors[names.index(w)] for w in wanted]
+    if len(wanted) != len(names):
+        raise ValueError(
+            f"--classes names {len(wanted)} classes but the labels hold {len(names)} ({', '.join(names)}); "
+            "give one name per label value, or names of segments in the .seg.nrrd.")
+    return labels, list(wanted), list(colors)
+
+
+def evenly_spread(candidates: list[int], count: int) -> list[int]:
+    if count >= len(candidates):
+        return list(candidates)
+    picks = np.linspace(0, len(candidates) - 1, count + 2)[1:-1] if count > 1 else [len(candidates) / 2 - 0.5]
+    return sorted({candidates[int(round(x))] for x in picks})
+
+
+def plan_slices(annotated: list[int], requested: Optional[list[int]], shots: Optional[int], val_fraction: float):
+    """(training slices, validation slices) from the annotated slices and the user's choice."""
+    if not annotated:
+        raise TrainingError("The labels have no annotated slice along this axis: draw at least one slice first.")
+    if requested is not None:
+        missing = [s for s in requested if s not in set(annotated)]
+        if missing:
+            raise TrainingError(
+                f"Slices {missing[:10]} hold no annotation. Annotated slices: {_ranges(annotated)}.")
+        train = list(requested)
+    elif shots is not None:
+        if shots < 1:
+            raise TrainingError("--shots must be at least 1.")
+        train = evenly_spread(annotated, shots)
+    else:
+        train = list(annotated)
+    val = [s for s in annotated if s not in set(train)]
+    if not val and requested is None and shots is None and val_fraction > 0 and len(annotated) >= 3:
+        count = max(1, int(round(len(annotated) * val_fraction)))
+        val = evenly_spread(annotated, count)
+        train = [s for s in annotated if s not in set(val)]
+    return train, val
+
+
+def _ranges(values: list[int]) -> str:
+    out, start, prev = [], None, None
+    for v in values:
+        if start is None:
+            start = prev = v
+        elif v == prev + 1:
+            prev = v
+        else:
+            out.append(f"{start}-{prev}" if prev != start else str(start))
+            start = prev = v
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else str(start))
+    return ",".join(out)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the trainer to stop at the next step; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nmedsaga finetune: stopping after this step (Ctrl-C again to abort at once)...", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+class Progress:
+    """Per-step reporting: a tqdm bar, JSON lines on stdout, or quiet."""
+
+    def __init__(self, mode: str, steps: int) -> None:
+        if mode == "auto":
+            mode = "tqdm" if sys.stderr.isatty() else "lines"
+        self.mode = mode
+        self.bar = None
+        self.steps = steps
+        self.last_line = 0.0
+
+    def __call__(self, event: dict) -> None:
+        phase = event.get("phase")
+        if self.mode == "json":
+            out = {k: v for k, v in event.items() if k != "phase"}
+            out["event"] = "step" if phase == "train" else phase
+            print(json.dumps(_jsonable(out)), flush=True)
+            return
+        if self.mode == "none":
+            return
+        if phase in ("prepare", "prepare-validation"):
+            if self.mode == "lines" and event["done"] == event["total"]:
+                print(f"{phase}: {event['total']} slices ready ({event['elapsed']:.0f} s)", file=sys.stderr, flush=True)
+            return
+        if phase == "validate":
+            print(f"validation Dice before training: {_fmt_dice(event['val_dice'])}", file=sys.stderr, flush=True)
+            return
+        if self.mode == "tqdm":
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=event["steps"], desc="Fine-tuning", unit="step")
+            self.bar.update(1)
+            post = {"loss": f"{event['loss']:.4f}", "lr": f"{event['lr']:.2e}"}
+            if event.get("val_dice"):
+                post["val"] = _fmt_dice(event["val_dice"])
+            self.bar.set_postfix(post)
+        else:
+            now = time.monotonic()
+            if now - self.last_line > 10 or event["step"] == event["steps"] or "val_dice" in event and event["step"] % 10 == 0:
+                self.last_line = now
+                msg = (f"step {event['step']}/{event['steps']} loss {event['loss']:.4f} lr {event['lr']:.2e} "
+                       f"elapsed {event['elapsed']:.0f} s eta {event['eta']:.0f} s")
+                if event.get("val_dice"):
+                    msg += f" val Dice {_fmt_dice(event['val_dice'])}"
+                print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    return value
+
+
+def _fmt_dice(d: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) and math.isfinite(v) else f"{k} n/a" for k, v in d.items())
+
+
+def load_task(args):
+    """Image, [0,1] array, labels, names, colours, slice axis, as asked on the command line."""
+    from .segio import read_labels
+    from .volume import array_from_image, read_volume, slice_axis
+
+    image = read_volume(args.image)
+    array = array_from_image(image)
+    labels, names, colors = read_labels(args.labels, image)
+    axis = slice_axis(image, args.axis or "axial")
+    return image, array, labels, names, colors, axis
+
+
+def run_finetune(args) -> int:
+    import torch
+
+    from .head import ClassSegmenter
+    from .modelfile import ModelFileError, load_model, read_metadata, save_model
+    from .models import build_base_model
+    from .segio import annotated_slices
+    from .training import finetune
+    from .volume import get_slice, normalize_with, parse_slices, parse_window, preprocessing_settings
+
+    _set_threads(args.threads)
+    output = Path(args.output)
+    if output.is_dir():
+        raise ValueError(f"Output {output} is a folder; give a model file name.")
+    image, array, labels, names, colors, axis = load_task(args)
+    labels, names, colors = select_classes(labels, names, colors, args.classes)
+    if not names:
+        raise TrainingError(f"{args.labels} holds no label: annotate at least one slice.")
+    annotated = annotated_slices(labels, axis)
+    requested = parse_slices(args.slices, array.shape[axis])
+    train_idx, val_idx = plan_slices(annotated, requested, args.shots, args.val_fraction)
+
+    window = parse_window(args.window)
+    resumed_meta = None
+    if args.resume:
+        resumed_meta = read_metadata(args.resume)
+        if resumed_meta.get("base_model") != args.base and args.base != "litemedsam":
+            raise ModelFileError(
+                f"{args.resume} was adapted from {resumed_meta.get('base_model')}, not {args.base}; "
+                "drop --base or start from the matching base model.")
+        model_names = list(resumed_meta.get("class_names") or [])
+        if args.classes is None and model_names != names and len(model_names) == len(names) and all(
+                n.startswith("label_") for n in names):
+            names = model_names  # a plain label volume: values 1..k are the model's classes in order
+        if model_names != names:
+            raise ModelFileError(
+                f"{args.resume} segments {model_names}, but the labels hold {names}; "
+                "resume with labels of the same classes (or --classes to name them).")
+        segmenter = load_model(args.resume, class_names=names)
+        settings = resumed_meta.get("preprocessing") if window is None else preprocessing_settings(window)
+    else:
+        base = build_base_model(args.base, checkpoint=args.checkpoint, image_size=args.image_size)
+        colors = colors if all(c is not None for c in colors) else None
+        segmenter = ClassSegmenter.from_base(base, names, colors)
+        settings = preprocessing_settings(window)
+    array01 = normalize_with(array, settings or preprocessing_settings(None))
+    train_images = [get_slice(array01, axis, i) for i in train_idx]
+    train_labels = [get_slice(labels, axis, i) for i in train_idx]
+    val_images = [get_slice(array01, axis, i) for i in val_idx]
+    val_labels = [get_slice(labels, axis, i) for i in val_idx]
+
+    steps = args.steps
+    if args.epochs is not None:
+        if args.epochs <= 0:
+            raise ValueError("--epochs must be positive.")
+        steps = max(1, math.ceil(args.epochs * len(train_idx) / max(1, args.batch_size)))
+    config = FinetuneConfig(
+        method=args.method, steps=steps or FinetuneConfig().steps, batch_size=args.batch_size, lr=args.lr,
+        encoder_lr=args.encoder_lr, warmup=args.warmup, rank=args.rank, update_proj_gap=args.update_proj_gap,
+        scale=args.scale, proj_type=args.proj_type, lora_rank=args.lora_rank, train_stages=args.train_stages,
+        augment=not args.no_augment, checkpointing=args.checkpointing, precision=args.precision,
+        device=_device_name(args.device), seed=args.seed, max_val_slices=args.max_val_slices,
+    ).validate()
+    config.warmup = min(config.warmup, max(0, config.steps - 1))
+
+    progress = Progress(args.progress, config.steps)
+    if progress.mode != "json":
+        print(f"Training on {len(train_idx)} slice(s) {_ranges(train_idx)}; validating on {len(val_idx)} "
+              f"({_ranges(val_idx) or 'none'}); classes: {', '.join(names)}; method {config.method}, "
+              f"{config.steps} steps", file=sys.stderr, flush=True)
+    else:
+        print(json.dumps({"event": "start", "train_slices": train_idx, "val_slices": val_idx, "classes": names,
+                          "method": config.method, "steps": config.steps}), flush=True)
+    with StopFlag() as stop:
+        try:
+            result = finetune(segmenter, train_images, train_labels, config, val_images, val_labels,
+                              callback=progress, should_stop=stop)
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise TrainingError(f"Out of memory: {exc}") from None
+            raise
+        finally:
+            progress.close()
+    if result.steps_done == 0:
+        kept = " (the existing file is unchanged)" if output.exists() else ""
+        print(f"medsaga finetune: stopped before the first step; nothing written{kept}.", file=sys.stderr)
+        return 130
+    training = result.metadata()
+    training.update(
+        train_slices=train_idx, val_slices=val_idx, labels=str(args.labels), image=str(args.image),
+        resumed_from=str(args.resume) if args.resume else None,
+        previous_training=(resumed_meta or {}).get("training"),
+        rank=config.rank, lr=config.lr,
+    )
+    metadata = {
+        "preprocessing": settings or preprocessing_settings(None),
+        "axis": args.axis or "axial",
+        "training": _jsonable(training),
+        "validation_dice": _jsonable(result.val_dice),
+    }
+    save_model(output, segmenter, metadata)
+    summary = {
+        "event": "done", "model": str(output), "steps": result.steps_done, "stopped": result.stopped,
+        "best_step": result.best_step, "val_dice": result.val_dice, "initial_val_dice": result.initial_val_dice,
+        "seconds_per_step": round(result.seconds_per_step, 3), "seconds": round(result.total_seconds, 1),
+    }
+    if progress.mode == "json":
+        print(json.dumps(_jsonable(summary)), flush=True)
+    else:
+        state = "stopped early at step" if result.stopped else "finished"
+        print(f"Fine-tuning {state} {result.steps_done}; {result.seconds_per_step:.2f} s/step, "
+              f"{result.total_seconds:.0f} s in all.", file=sys.stderr)
+        if result.val_dice:
+            print(f"Validation Dice (step {result.best_step}, kept): {_fmt_dice(result.val_dice)}", file=sys.stderr)
+            if result.initial_val_dice:
+                print(f"Validation Dice before training:   {_fmt_dice(result.initial_val_dice)}", file=sys.stderr)
+        for note in result.notes:
+            print(f"Note: {note}", file=sys.stderr)
+        print(f"Wrote {output}")
+    return 0
+
+
+def _device_name(name: str) -> str:
+    from .inference import resolve_device
+
+    return str(resolve_device(name))
+
+
+# --------------------------------------------------------------------------------------------
+def match_classes(model_names: list[str], label_names: list[str], labels: np.ndarray) -> np.ndarray:
+    """Label values renumbered to the model's class order (by name, else by order)."""
+    if all(n in label_names for n in model_names):
+        lookup = np.zeros(len(label_names) + 1, dtype=np.uint8)
+        for new, n in enumerate(model_names, start=1):
+            lookup[label_names.index(n) + 1] = new
+        return lookup[labels]
+    if len(model_names) == len(label_names):
+        return labels
+    raise ValueError(
+        f"The model segments {model_names}, the labels hold {label_names}: name the segments as the model's "
+        "classes, or give a label volume with one value per class.")
+
+
+def evaluate_labels(pred: np.ndarray, ref: np.ndarray, num_classes: int, spacing2d) -> dict:
+    """Per class: Dice over all given slices (MONAI), HD95 in mm averaged over slices where both are non-empty."""
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+
+    p = one_hot(torch.as_tensor(pred, dtype=torch.long)[:, None], num_classes + 1)
+    g = one_hot(torch.as_tensor(ref, dtype=torch.long)[:, None], num_classes + 1)
+    # Dice over the stack of slices as one volume: [1, C, n, H, W]
+    dice = compute_dice(p.permute(1, 0, 2, 3)[None], g.permute(1, 0, 2, 3)[None], include_background=False,
+                        ignore_empty=True)[0]
+    out = {}
+    for c in range(1, num_classes + 1):
+        both = [i for i in range(pred.shape[0]) if (pred[i] == c).any() and (ref[i] == c).any()]
+        hd = float("nan")
+        if both:
+            values = compute_hausdorff_distance(p[both][:, [0, c]], g[both][:, [0, c]], include_background=False,
+                                                percentile=95, spacing=list(spacing2d))
+            hd = float(torch.nanmean(values.float()))
+        only = sum(1 for i in range(pred.shape[0]) if (pred[i] == c).any() != (ref[i] == c).any())
+        out[c] = {"dice": float(dice[c - 1]), "hd95_mm": hd, "slices": len(both), "slices_one_empty": only}
+    return out
+
+
+def run_evaluate(args) -> int:
+    from .inference import resolve_device, segment_volume
+    from .modelfile import load_model
+    from .segio import annotated_slices
+    from .volume import normalize_with, parse_slices, parse_window, preprocessing_settings
+
+    _set_threads(args.threads)
+    segmenter = load_model(args.model)
+    meta = getattr(segmenter, "metadata", {}) or {}
+    image, array, labels, names, colors, _ = load_task(args)
+    from .volume import slice_axis
+
+    axis = slice_axis(image, args.axis or meta.get("axis") or "axial")
+    labels = match_classes(segmenter.class_names, names, labels)
+    slices = parse_slices(args.slices, array.shape[axis]) or annotated_slices(labels, axis)
+    if not slices:
+        raise ValueError("The labels have no annotated slice to evaluate on; give --slices.")
+    window = parse_window(args.window)
+    settings = preprocessing_settings(window) if window is not None else meta.get("preprocessing") or preprocessing_settings(None)
+    array01 = normalize_with(array, settings)
+    pred = segment_volume(segmenter, array01, axis, slices, args.batch_size, resolve_device(args.device),
+                          progress=not args.json and sys.stderr.isatty())
+    take = lambda vol: np.moveaxis(vol, axis, 0)[slices]  # noqa: E731
+    spacing_zyx = list(image.GetSpacing())[::-1]
+    spacing2d = [s for a, s in enumerate(spacing_zyx) if a != axis]
+    metrics = evaluate_labels(take(pred), take(labels), segmenter.num_classes, spacing2d)
+    train_slices = set((meta.get("training") or {}).get("train_slices") or [])
+    overlap = sorted(train_slices & set(slices))
+    rows = [dict(name=n, **metrics[c]) for c, n in enumerate(segmenter.class_names, start=1)]
+    dices = [r["dice"] for r in rows if math.isfinite(r["dice"])]
+    hds = [r["hd95_mm"] for r in rows if math.isfinite(r["hd95_mm"])]
+    summary = {"model": str(args.model), "slices": slices, "classes": rows,
+               "mean_dice": float(np.mean(dices)) if dices else None,
+               "mean_hd95_mm": float(np.mean(hds)) if hds else None, "training_slices_included": overlap}
+    if args.json:
+        print(json.dumps(_jsonable(summary), indent=2))
+        return 0
+    width = max(8, *(len(r["name"]) for r in rows))
+    print(f"{'class':<{width}}  {'Dice':>6}  {'HD95 mm':>8}  slices")
+    for r in rows:
+        dice = f"{r['dice']:.3f}" if math.isfinite(r["dice"]) else "n/a"
+        hd = f"{r['hd95_mm']:.2f}" if math.isfinite(r["hd95_mm"]) else "n/a"
+        print(f"{r['name']:<{width}}  {dice:>6}  {hd:>8}  {r['slices']}")
+    if dices:
+        print(f"{'mean':<{width}}  {np.mean(dices):>6.3f}  {(np.mean(hds) if hds else float('nan')):>8.2f}")
+    print(f"{len(slices)} slices evaluated; HD95 is per slice (in-plane, mm), averaged over slices where both are non-empty.")
+    if overlap:
+        print(f"Note: {len(overlap)} of these slices were used for training ({_ranges(overlap)}); "
+              "their scores are not an honest estimate.")
+    return 0

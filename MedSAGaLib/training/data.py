@@ -1,0 +1,132 @@
+"""Few-shot slices -> model tensors, with augmentation suited to a handful of slices (MONAI).
+
+Spatial augmentation (flip, small rotation and zoom) and intensity augmentation (scale, shift,
+gamma) are applied to image and labels together. When the front of the encoder is frozen, each
+training slice is expanded once into a fixed pool of versions (the first unaugmented) whose frozen
+features are computed once; steps then sample from that pool.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..preprocess import SliceTransform
+from .config import TrainingError
+
+
+def build_augmentation(seed: int = 0):
+    """MONAI dictionary transforms for ``{"image": [3,S,S] in [0,1], "label": [1,S,S]}``."""
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    transform = Compose(
+        [
+            RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=1),
+            RandAffined(
+                keys=("image", "label"),
+                prob=0.8,
+                rotate_range=(np.pi / 12,),
+                scale_range=(0.1, 0.1),
+                translate_range=(8, 8),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+            RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.5),
+        ]
+    )
+    transform.set_random_state(seed=seed)
+    return transform
+
+
+def augment(transform, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = transform({"image": image.clone(), "label": label[None].float()})
+    img = torch.as_tensor(out["image"]).float().clamp_(0.0, 1.0)
+    lab = torch.as_tensor(out["label"])[0].round().long()
+    return img, lab
+
+
+def check_training_data(
+    images01: Sequence[np.ndarray], labels: Sequence[np.ndarray], num_classes: int, class_names=None
+) -> None:
+    """Clear messages for inputs a fine-tuning cannot use."""
+    if len(images01) == 0:
+        raise TrainingError("No annotated slice to train on: the labels are empty in every selected slice.")
+    if len(images01) != len(labels):
+        raise TrainingError(f"{len(images01)} image slices but {len(labels)} label slices.")
+    present = set()
+    for i, (img, lab) in enumerate(zip(images01, labels)):
+        if np.shape(img) != np.shape(lab):
+            raise TrainingError(f"Training slice {i}: image {np.shape(img)} and labels {np.shape(lab)} differ in shape.")
+        values = np.unique(lab)
+        if values.min() < 0 or values.max() > num_classes:
+            raise TrainingError(f"Training slice {i} has label values {values.tolist()} outside 0..{num_classes}.")
+        present.update(int(v) for v in values)
+    names = list(class_names or [f"class {c}" for c in range(1, num_classes + 1)])
+    missing = [names[c - 1] for c in range(1, num_classes + 1) if c not in present]
+    if missing:
+        raise TrainingError(
+            "These classes appear in no training slice, so the model cannot learn them: "
+            + ", ".join(missing)
+            + ". Annotate them on at least one training slice, or pick slices that contain them."
+        )
+
+
+class FewShotSlices:
+    """Training (or validation) slices as model-size tensors."""
+
+    def __init__(self, images01: Sequence[np.ndarray], labels: Sequence[np.ndarray], image_size: int) -> None:
+        tf = SliceTransform(image_size)
+        self.images = [tf.to_model(np.asarray(img, dtype=np.float32)) for img in images01]
+        self.labels = [tf.to_model_labels(np.asarray(lab)) for lab in labels]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def augmented_pool(self, copies: int, augment_enabled: bool, seed: int = 0):
+        """``copies`` versions of every slice (the first unaugmented): lists of images and labels."""
+        transform = build_augmentation(seed) if augment_enabled and copies > 1 else None
+        images, labels = [], []
+        for img, lab in zip(self.images, self.labels):
+            images.append(img)
+            labels.append(lab)
+            for _ in range(copies - 1 if transform is not None else 0):
+                a, b = augment(transform, img, lab)
+                images.append(a)
+                labels.append(b)
+        return images, labels
+
+
+class BatchSampler:
+    """Shuffled passes over a pool of indices, ``batch_size`` at a time."""
+
+    def __init__(self, count: int, batch_size: int, seed: int = 0) -> None:
+        self.count = count
+        self.batch_size = min(batch_size, count) if count else batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if not self.order:
+                self.order = list(self.rng.permutation(self.count))
+            batch.append(int(self.order.pop()))
+        return batch
+
+
+def select_validation(count: int, limit: Optional[int]) -> list[int]:
+    """Up to ``limit`` indices evenly spread over ``count`` validation slices."""
+    if not limit or count <= limit:
+        return list(range(count))
+    return sorted({int(round(x)) for x in np.linspace(0, count - 1, limit)})

@@ -1,0 +1,150 @@
+"""Split an image encoder into a frozen prefix (computed once, cached) and a trainable suffix.
+
+TinyViT (LiteMedSAM): ``patch_embed``, four ``layers`` (a convolutional stage at full resolution,
+then three attention stages), ``neck``. SAM ViT: ``patch_embed`` + ``pos_embed``, ``blocks`` (grouped
+into four stages of equal depth), ``neck``. Training the last ``n`` stages means everything in front
+of them is frozen; ``n == num_stages`` trains the patch embedding too (nothing is cached), ``n == 0``
+freezes the whole encoder (its output is cached).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+NUM_STAGES = 4
+
+
+def encoder_kind(encoder: nn.Module) -> str:
+    if hasattr(encoder, "layers") and hasattr(encoder, "patch_embed"):
+        return "tinyvit"
+    if hasattr(encoder, "blocks") and hasattr(encoder, "patch_embed"):
+        return "vit"
+    raise TypeError(f"Unsupported image encoder {type(encoder).__name__}.")
+
+
+def _stage_groups(encoder: nn.Module) -> list[list[nn.Module]]:
+    """The encoder's 4 stages, each a list of sequential modules."""
+    if encoder_kind(encoder) == "tinyvit":
+        return [[layer] for layer in encoder.layers]
+    blocks = list(encoder.blocks)
+    bounds = [round(i * len(blocks) / NUM_STAGES) for i in range(NUM_STAGES + 1)]
+    return [blocks[bounds[i] : bounds[i + 1]] for i in range(NUM_STAGES)]
+
+
+def attention_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """Blocks whose ``.attn.qkv`` is the fused q/k/v projection (LoRA targets), in order."""
+    if encoder_kind(encoder) == "tinyvit":
+        return [blk for layer in encoder.layers for blk in getattr(layer, "blocks", []) if hasattr(blk, "attn")]
+    return list(encoder.blocks)
+
+
+class EncoderSplit:
+    """Run an encoder as ``suffix(prefix(x))`` with only the suffix trainable."""
+
+    def __init__(self, encoder: nn.Module, train_stages: int) -> None:
+        self.encoder = encoder
+        self.kind = encoder_kind(encoder)
+        self.stages = _stage_groups(encoder)
+        self.num_stages = len(self.stages)
+        self.train_stages = max(0, min(int(train_stages), self.num_stages))
+        first = self.num_stages - self.train_stages
+        self.frozen_stages = [m for group in self.stages[:first] for m in group]
+        self.trainable_stages = [m for group in self.stages[first:] for m in group]
+
+    @property
+    def whole(self) -> bool:
+        """True when the whole encoder trains (no prefix to cache)."""
+        return self.train_stages == self.num_stages
+
+    @property
+    def frozen(self) -> bool:
+        return self.train_stages == 0
+
+    def _stem(self) -> list[nn.Module]:
+        return [self.encoder.patch_embed]
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules whose parameters train (empty when the encoder is frozen)."""
+        if self.frozen:
+            return []
+        mods = list(self.trainable_stages) + [self.encoder.neck]
+        if self.whole:
+            mods = self._stem() + mods
+        return mods
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = [p for m in self.trainable_modules() for p in m.parameters()]
+        if self.whole and self.kind == "vit" and getattr(self.encoder, "pos_embed", None) is not None:
+            params.append(self.encoder.pos_embed)
+        seen, unique = set(), []
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append(p)
+        return unique
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.encoder.patch_embed(x)
+        if self.kind == "vit" and getattr(self.encoder, "pos_embed", None) is not None:
+            x = x + self.encoder.pos_embed
+        return x
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "tinyvit":
+            batch, tokens, channels = x.shape
+            side = int(round(tokens**0.5))
+            x = x.view(batch, side, side, channels).permute(0, 3, 1, 2)
+            return self.encoder.neck(x)
+        return self.encoder.neck(x.permute(0, 3, 1, 2))
+
+    def prefix(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Frozen part: normalised images -> features entering the first trainable stage."""
+        if self.whole:
+            return normalized
+        x = self._embed(normalized)
+        for m in self.frozen_stages:
+            x = m(x)
+        if self.frozen:
+            x = self._finish(x)
+        return x
+
+    def suffix(self, features: torch.Tensor) -> torch.Tensor:
+        """Trainable part: prefix features -> image embeddings."""
+        if self.frozen:
+            return features
+        x = self._embed(features) if self.whole else features
+        for m in self.trainable_stages:
+            x = m(x)
+        return self._finish(x)
+
+
+def _checkpointed_forward(module: nn.Module, original, *args):
+    if torch.is_grad_enabled():
+        return checkpoint(original, *args, use_reentrant=False)
+    return original(*args)
+
+
+def set_checkpointing(blocks: list[nn.Module], enabled: bool) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    for blk in blocks:
+        if enabled and "forward" not in blk.__dict__:
+            blk.forward = functools.partial(_checkpointed_forward, blk, blk.forward)
+        elif not enabled and "forward" in blk.__dict__:
+            del blk.forward
+
+
+def checkpoint_units(split: EncoderSplit) -> list[nn.Module]:
+    """The blocks inside the trainable stages (the unit of activation checkpointing)."""
+    units = []
+    for m in split.trainable_stages:
+        if hasattr(m, "blocks"):
+            units.extend(m.blocks)
+            if getattr(m, "downsample", None) is not None:
+                units.append(m.downsample)
+        else:
+            units.append(m)
+    return units
