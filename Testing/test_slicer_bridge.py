@@ -406,3 +406,25 @@ def test_view_geometry_for_the_effect(directions):
     assert bridge.box_from_ras(vol, 1, ras(3, 4, 2), ras(6, 4, 5)) == (3, 2, 7, 6)
     assert bridge.box_from_ras(vol, 2, ras(1, 4, 2), ras(1, 7, 5)) == (4, 2, 8, 6)
     assert bridge.box_from_ras(vol, 0, ras(-30, -30, 5), ras(100, 100, 5)) == (0, 0, 20, 24)
+
+
+def test_model_output_is_not_mistaken_for_annotations():
+    scene, vol, seg, ids, truth, drawn = _setup_painted()
+    bridge.apply_prediction(seg, vol, truth, ["outer", "inner"], 0, protected_slices=[2, 9])
+    ann = bridge.class_labels(seg, vol)  # auto axis still found from the drawn slices
+    assert ann.axis == 0 and ann.slices == [2, 9]
+    assert ann.predicted_slices == [s for s in range(truth.shape[0]) if truth[s].any() and s not in (2, 9)]
+    assert np.array_equal(ann.labels, bridge.class_labels(seg, vol, axis=0).labels)
+    # the user corrects a predicted slice: it becomes an annotation
+    corrected = (truth[5] == 2).copy()
+    corrected[0, 0] = True
+    full = bridge.segment_array(seg, ids[1], vol)
+    full[5] = corrected
+    paint(seg, ids[1], vol, full)
+    ann = bridge.class_labels(seg, vol)
+    assert ann.slices == [2, 5, 9] and 5 not in ann.predicted_slices
+    # box-prompt writes (write_segment_slices) count as the user's
+    mask = np.zeros(truth.shape[1:], np.uint8)
+    mask[1:3, 1:3] = 1
+    bridge.write_segment_slices(seg, vol, ids[0], {0: mask}, 0)
+    assert bridge.class_labels(seg, vol).slices == [0, 2, 5, 9]

@@ -22,7 +22,7 @@ CLASSES = ["outer", "inner"]
 ANNOTATED = [1, 4]
 
 
-def painted_scene(shape=(6, 48, 48), class_names=CLASSES):
+def painted_scene(shape=(6, 48, 48), class_names=CLASSES, annotated=ANNOTATED):
     k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     r = np.sqrt(((j - 24) / 48) ** 2 + ((i - 24) / 48) ** 2) + 0.01 * k
     truth = np.zeros(shape, np.uint8)
@@ -33,7 +33,7 @@ def painted_scene(shape=(6, 48, 48), class_names=CLASSES):
     vol = add_volume(scene, image.astype(np.float32), directions=np.diag([-1, -1, 1]), spacing=(1, 1, 3))
     seg, ids = add_segmentation(scene, vol, class_names)
     drawn = np.zeros_like(truth)
-    for s in ANNOTATED:
+    for s in annotated:
         drawn[s] = truth[s]
     for c, sid in enumerate(ids, start=1):
         paint(seg, sid, vol, drawn == c)
@@ -92,3 +92,62 @@ def test_finetune_then_segment_through_the_bridge(tmp_path):
     assert last["steps"] == 2 and last["step"] == 2
     assert os.path.isfile(model_path)
     segment_and_check(vol, seg, ids, drawn, model_path, tmp_path)
+
+
+def test_effect_segments_current_slice_and_all_slices_in_process(tiny_model_file):
+    """The effect's adapted-model actions, in process, with the Segment Editor logic's undo."""
+    import torch
+    torch.set_num_threads(1)
+    from MedSAGaLib.modelfile import load_model
+    segmenter = load_model(str(tiny_model_file)).eval()
+    names = list(segmenter.class_names)
+    scene, vol, seg, ids, truth, drawn = painted_scene(class_names=names)
+    undo = bridge.UndoHistory(seg, vol)
+    assert bridge.segment_with_model(seg, vol, segmenter, 0, ANNOTATED[0], undo=undo) == ([], {})
+    slices, written = bridge.segment_with_model(seg, vol, segmenter, 0, 2, undo=undo)
+    assert slices == [2] and sorted(written) == sorted(names)
+    slices, _ = bridge.segment_with_model(seg, vol, segmenter, undo=undo)
+    assert slices == [0, 2, 3, 5]
+    after = bridge.class_labels(seg, vol, axis=0).labels
+    for s in ANNOTATED:
+        assert np.array_equal(after[s], drawn[s])
+    undo.undo()
+    undo.undo()
+    assert np.array_equal(bridge.class_labels(seg, vol, axis=0).labels, drawn)
+    seg.GetSegmentation().GetSegment(ids[0]).SetName("liver")
+    with pytest.raises(bridge.ClassMismatchError):
+        bridge.segment_with_model(seg, vol, segmenter, undo=undo)
+
+
+def test_effect_box_prompt_and_propagation_with_litemedsam():
+    """Box prompt from the segment's box on one slice, then propagation, with real LiteMedSAM."""
+    import torch
+    torch.set_num_threads(1)
+    from MedSAGaLib.models import build_base_model
+    scene, vol, seg, ids, truth, drawn = painted_scene(shape=(4, 48, 48), annotated=[])
+    inner = ids[1]
+    stroke = np.zeros_like(truth)
+    stroke[1] = truth[1] == 2
+    paint(seg, inner, vol, stroke)  # only slice 1 painted for this segment
+    base = build_base_model("litemedsam").eval()
+    predict = bridge.box_predictor(vol, base)
+    array01 = bridge.normalized_array(vol)
+    undo = bridge.UndoHistory(seg, vol)
+    saved = []
+    written = bridge.box_prompt(seg, vol, inner, predict, array01, 0, 1, margin=2, undo=undo,
+                                before_write=lambda: saved.append(1))
+    assert written == [1] and saved == [1]
+    mask = bridge.segment_array(seg, inner, vol)[1].astype(bool)
+    target = truth[1] == 2
+    dice = 2 * (mask & target).sum() / (mask.sum() + target.sum())
+    assert dice > 0.6, dice
+    written = bridge.box_prompt(seg, vol, inner, predict, array01, 0, 1, propagate_slices=1,
+                                margin=2, undo=undo)
+    assert written == [0, 2]  # slice 1 already holds the segment: kept
+    result = bridge.segment_array(seg, inner, vol).astype(bool)
+    assert result[0].any() and result[2].any() and not result[3].any()
+    undo.undo()
+    assert np.array_equal(bridge.segment_array(seg, inner, vol).astype(bool), np.stack(
+        [np.zeros_like(mask), mask, np.zeros_like(mask), np.zeros_like(mask)]))
+    with pytest.raises(bridge.BridgeError, match="empty on slice 3"):
+        bridge.box_prompt(seg, vol, inner, predict, array01, 0, 3)

@@ -350,6 +350,9 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     f"{len(ann.slices)} annotated {axisName} slices.")
             if ann.empty_segments:
                 text += f" Empty: {', '.join(ann.empty_segments)}."
+            if ann.predicted_slices:
+                text += (f" {len(ann.predicted_slices)} slices hold unedited model output "
+                         "(edit one to use it as an annotation).")
             if ann.overlap_voxels:
                 text += f" {ann.overlap_voxels} voxels in several segments (the later segment wins)."
             self.ui.slicesSummaryLabel.text = text

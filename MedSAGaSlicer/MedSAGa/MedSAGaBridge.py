@@ -283,6 +283,58 @@ class Annotations:
     slices: list                  # annotated slice indices along axis
     empty_segments: list = field(default_factory=list)
     overlap_voxels: int = 0       # voxels claimed by more than one segment (later segment wins)
+    predicted_slices: list = field(default_factory=list)  # model output left as written
+
+
+# Slices written by a model are recorded on the segmentation node (per slice and segment, a
+# checksum of the segment's mask there), so they are not mistaken for annotations later; a
+# slice the user edits afterwards no longer matches and counts as annotated again.
+PREDICTED_ATTRIBUTE = "MedSAGa.PredictedSlices"
+
+
+def _slice_checksum(mask2d):
+    import zlib
+    return zlib.crc32(np.packbits(np.ascontiguousarray(mask2d, dtype=bool)).tobytes()) & 0xFFFFFFFF
+
+
+def _read_predicted(segmentation_node, volume_node):
+    text = segmentation_node.GetAttribute(PREDICTED_ATTRIBUTE)
+    if not text:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if record.get("volume") != volume_node.GetID():
+        return None
+    return record
+
+
+def _record_predicted(segmentation_node, volume_node, axis, slices):
+    """Remember ``slices`` (along ``axis``) as model output, with their current content."""
+    record = _read_predicted(segmentation_node, volume_node)
+    if record is None or record.get("axis") != axis:
+        record = {"volume": volume_node.GetID(), "axis": int(axis), "slices": {}}
+    masks = {sid: segment_array(segmentation_node, sid, volume_node) for sid, _ in segments(segmentation_node)}
+    for s in slices:
+        record["slices"][str(int(s))] = {sid: _slice_checksum(_take(m, axis, s))
+                                         for sid, m in masks.items() if _take(m, axis, s).any()}
+    segmentation_node.SetAttribute(PREDICTED_ATTRIBUTE, json.dumps(record))
+
+
+def _predicted_unchanged(record, masks, axis):
+    """Recorded slices whose content (for the given segments) is still the model's."""
+    out = []
+    if not record or record.get("axis") != axis:
+        return out
+    for key, sums in record.get("slices", {}).items():
+        s = int(key)
+        if not 0 <= s < next(iter(masks.values())).shape[axis]:
+            continue
+        if sums and all(_slice_checksum(_take(m, axis, s)) == sums[sid] if sid in sums
+                        else not _take(m, axis, s).any() for sid, m in masks.items()):
+            out.append(s)
+    return sorted(out)
 
 
 def class_labels(segmentation_node, volume_node, segment_ids=None, axis="auto"):
@@ -302,20 +354,34 @@ def class_labels(segmentation_node, volume_node, segment_ids=None, axis="auto"):
     dims = volume_node.GetImageData().GetDimensions()
     labels = np.zeros((dims[2], dims[1], dims[0]), np.uint8)
     seen = np.zeros(labels.shape, bool)
-    overlap, empty = 0, []
+    overlap, empty, masks = 0, [], {}
     for c, sid in enumerate(segment_ids, start=1):
         mask = segment_array(segmentation_node, sid, volume_node).astype(bool)
+        masks[sid] = mask
         if not mask.any():
             empty.append(names[sid])
             continue
         overlap += int(np.count_nonzero(seen & mask))
         seen |= mask
         labels[mask] = c
-    ax = resolve_axis(volume_node, axis, labels)
+    record = _read_predicted(segmentation_node, volume_node)
+    predicted = []
+    drawn = labels
+    if record is not None:
+        rec_axis = record.get("axis")
+        predicted = _predicted_unchanged(record, masks, rec_axis)
+        if predicted:
+            drawn = labels.copy()
+            for s in predicted:
+                drawn[_slicer_index(rec_axis, s)] = 0
+    ax = resolve_axis(volume_node, axis, drawn)
+    if record is None or record.get("axis") != ax:
+        predicted = []
+        drawn = labels
     return Annotations(labels=labels, class_names=[names[s] for s in segment_ids],
                        segment_ids=list(segment_ids), axis=ax,
-                       slices=annotated_slices(labels, ax), empty_segments=empty,
-                       overlap_voxels=overlap)
+                       slices=annotated_slices(drawn, ax), empty_segments=empty,
+                       overlap_voxels=overlap, predicted_slices=predicted)
 
 
 def match_classes(segmentation_node, class_names, create_missing=False):
@@ -385,14 +451,16 @@ class UndoHistory:
 # prediction -> segments
 
 def apply_prediction(segmentation_node, volume_node, prediction, class_names, axis,
-                     protected_slices=(), slices=None, undo=None, create_missing=False):
+                     protected_slices=(), slices=None, undo=None, create_missing=False, record=True):
     """Write a (k, j, i) class prediction (0 background, c -> class_names[c-1]) into segments.
 
     Only voxels of the volume's slices in ``slices`` (all when None) that are not in
     ``protected_slices`` change; every protected (annotated) slice and everything outside the
     volume stays exactly as it is, also when the segmentation's geometry differs from the
     volume's. Each class goes to the segment of the same name. ``undo`` (UndoHistory): its
-    state is saved first, so the whole apply is one undo step. Returns {name: voxels set}."""
+    state is saved first, so the whole apply is one undo step. With ``record`` the written
+    slices are remembered as model output (not annotations) until the user edits them.
+    Returns {name: voxels set}."""
     prediction = np.asarray(prediction)
     dims = volume_node.GetImageData().GetDimensions()
     if prediction.shape != (dims[2], dims[1], dims[0]):
@@ -443,6 +511,8 @@ def apply_prediction(segmentation_node, volume_node, prediction, class_names, ax
                 raise BridgeError(f"Could not write segment '{name}'.")
     finally:
         segmentation_node.EndModify(was_modifying)
+    if record:
+        _record_predicted(segmentation_node, volume_node, axis, np.nonzero(writable_slices)[0])
     return written
 
 
@@ -469,7 +539,7 @@ def write_segment_slices(segmentation_node, volume_node, segment_id, masks, axis
     if first != segment_id:
         raise BridgeError(f"Two segments are named '{name}'; rename one of them.")
     return apply_prediction(segmentation_node, volume_node, pred, [name], axis,
-                            slices=list(masks), undo=undo)
+                            slices=list(masks), undo=undo, record=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -893,3 +963,61 @@ def box_from_ras(volume_node, axis, ras_a, ras_b):
     if x1 <= x0 or y1 <= y0:
         return None
     return (x0, y0, x1, y1)
+
+
+# --------------------------------------------------------------------------------------------
+# the effect's actions (Qt-free; the effect saves its undo state through ``before_write``)
+
+def segment_with_model(segmentation_node, volume_node, segmenter, axis=None, index=None,
+                       undo=None, before_write=None, device="cpu"):
+    """Adapted model into the segments named like its classes.
+
+    ``index`` given: that slice only (along ``axis``); else every slice that is not annotated
+    (the annotations' axis unless ``axis`` is given). Annotated slices are never changed.
+    Returns (slices segmented, {class: voxels})."""
+    class_names = list(segmenter.class_names)
+    mapping = match_classes(segmentation_node, class_names)
+    ann = class_labels(segmentation_node, volume_node, list(mapping.values()),
+                       axis="auto" if axis is None else axis)
+    axis = ann.axis
+    if index is not None:
+        if index in ann.slices:
+            return [], {}
+        slices = [int(index)]
+    else:
+        slices = [s for s in range(ann.labels.shape[axis]) if s not in ann.slices]
+    if not slices:
+        return [], {}
+    prediction = segment_in_process(volume_node, segmenter, axis, slices, device=device)
+    if before_write is not None:
+        before_write()
+    written = apply_prediction(segmentation_node, volume_node, prediction, class_names, axis,
+                               protected_slices=ann.slices, slices=slices, undo=undo)
+    return slices, written
+
+
+def box_prompt(segmentation_node, volume_node, segment_id, predict, array01, axis, index, box=None,
+               propagate_slices=0, margin=3, undo=None, before_write=None):
+    """Box prompt for one segment on slice ``index``; optionally propagate.
+
+    ``box`` None: the segment's bounding box on that slice (grown by ``margin``). With
+    ``propagate_slices`` > 0 the result's box prompts the neighbouring slices, up to that many
+    in each direction; slices that already hold the segment are kept. Returns the slices
+    written."""
+    current = segment_array(segmentation_node, segment_id, volume_node)
+    if box is None:
+        box = bbox_2d(_take(current, axis, index), margin)
+        if box is None:
+            raise BridgeError(f"The segment is empty on slice {index}: paint a stroke there or draw a box.")
+    if propagate_slices:
+        results = propagate(predict, array01, axis, index, box, max_slices=propagate_slices,
+                            margin=margin)
+        masks = {s: m for s, m in results.items() if not _take(current, axis, s).any()}
+    else:
+        masks = {index: np.asarray(predict(_take(array01, axis, index), box)) != 0}
+    if not masks:
+        return []
+    if before_write is not None:
+        before_write()
+    write_segment_slices(segmentation_node, volume_node, segment_id, masks, axis, undo=undo)
+    return sorted(masks)

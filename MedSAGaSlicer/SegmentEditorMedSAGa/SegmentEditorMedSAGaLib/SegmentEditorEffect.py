@@ -191,34 +191,18 @@ model's classes (fine-tune one in the MedSAGa module). Annotated slices are kept
     def segmentWithModel(self, currentSliceOnly):
         p, segmentation, volume = self._nodes()
         segmenter = self._segmenter(self.modelPathEdit.currentPath)
-        classNames = list(segmenter.class_names)
-        bridge.match_classes(segmentation, classNames)  # clear error before any work
-        ann = bridge.class_labels(segmentation, volume,
-                                  [sid for sid, name in bridge.segments(segmentation)
-                                   if name.strip().lower() in {c.strip().lower() for c in classNames}])
+        axis = index = None
         if currentSliceOnly:
             axis, index = self._currentSlice(volume)
-            annotated = bridge.annotated_slices(ann.labels, axis)
-            if index in annotated:
-                self.statusLabel.text = f"Slice {index} is annotated; it is kept as drawn."
-                return
-            slices = [index]
-        else:
-            axis, annotated = ann.axis, ann.slices
-            slices = [s for s in range(ann.labels.shape[axis]) if s not in annotated]
-        prediction = bridge.segment_in_process(volume, segmenter, axis, slices)
-        self.scriptedEffect.saveStateForUndo()
-        written = bridge.apply_prediction(segmentation, volume, prediction, classNames, axis,
-                                          protected_slices=annotated, slices=slices)
+        slices, written = bridge.segment_with_model(segmentation, volume, segmenter, axis, index,
+                                                    before_write=self.scriptedEffect.saveStateForUndo)
+        if currentSliceOnly and not slices:
+            self.statusLabel.text = f"Slice {index} is annotated; it is kept as drawn."
+            return
         self.statusLabel.text = (f"Segmented {len(slices)} slice(s): "
                                  + ", ".join(f"{k} {v} voxels" for k, v in written.items()))
 
     # -- box prompts
-
-    def _predictor(self, volume):
-        base = self._base()
-        array01 = bridge.normalized_array(volume)
-        return bridge.box_predictor(volume, base), array01
 
     def boxFromSegment(self, propagate, box=None, sliceWidget=None):
         p, segmentation, volume = self._nodes()
@@ -226,26 +210,14 @@ model's classes (fine-tune one in the MedSAGa module). Annotated slices are kept
         if not segmentId:
             raise bridge.BridgeError("Select a segment.")
         axis, index = self._currentSlice(volume, sliceWidget)
-        current = bridge.segment_array(segmentation, segmentId, volume)
-        if box is None:
-            box = bridge.bbox_2d(bridge._take(current, axis, index), self.marginSpin.value)
-            if box is None:
-                raise bridge.BridgeError(f"The selected segment is empty on slice {index}: paint a "
-                                         "stroke there or draw a box.")
-        predict, array01 = self._predictor(volume)
-        if propagate:
-            results = bridge.propagate(predict, array01, axis, index, box,
-                                       max_slices=self.maxSlicesSpin.value, margin=self.marginSpin.value)
-            # keep slices that already hold this segment (the prompt slice included)
-            masks = {s: m for s, m in results.items() if not bridge._take(current, axis, s).any()}
-        else:
-            masks = {index: predict(bridge._take(array01, axis, index), box)}
-        if not masks:
-            self.statusLabel.text = "Nothing to add."
-            return
-        self.scriptedEffect.saveStateForUndo()
-        bridge.write_segment_slices(segmentation, volume, segmentId, masks, axis)
-        self.statusLabel.text = f"Box prompt: {len(masks)} slice(s) written."
+        predict = bridge.box_predictor(volume, self._base())
+        array01 = bridge.normalized_array(volume)
+        written = bridge.box_prompt(segmentation, volume, segmentId, predict, array01, axis, index, box,
+                                    propagate_slices=self.maxSlicesSpin.value if propagate else 0,
+                                    margin=self.marginSpin.value,
+                                    before_write=self.scriptedEffect.saveStateForUndo)
+        self.statusLabel.text = (f"Box prompt: slice(s) {', '.join(map(str, written))} written."
+                                 if written else "Nothing to add.")
 
     # -- drawing a box
 
