@@ -356,6 +356,7 @@ def test_job_parses_progress_and_cancels(tmp_path):
     assert job.wait(60) == "done"
     assert [r["step"] for r in job.records] == [1, 2, 3] and job.log == ["starting"]
     assert "val Dice 0.500" in bridge.progress_text(job.last)
+    assert bridge.step_records(job.records + [{"event": "done", "steps": 3}]) == job.records
     job = bridge.Job([sys.executable, str(script), "long"])
     for _ in range(500):
         job.poll()

@@ -77,19 +77,24 @@ def test_segment_volume_in_background_process(tmp_path, tiny_model_file):
 
 @pytest.mark.skipif(importlib.util.find_spec("MedSAGaLib.cli_train") is None,
                     reason="medsaga finetune (MedSAGaLib/cli_train.py, issue 3) has not landed yet")
-def test_finetune_then_segment_through_the_bridge(tmp_path):
+def test_finetune_then_segment_through_the_bridge(tmp_path, tiny_vit_checkpoint):
+    """GaLore (the default method) on the engine tests' tiny vit_b-format checkpoint: fast on a CPU."""
     scene, vol, seg, ids, truth, drawn = painted_scene()
     model_path = str(tmp_path / "adapted.medsaga")
     job, inputs = bridge.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=2,
-                                        method="decoder", device="cpu", threads=1)
+                                        base="vit_b", checkpoint=str(tiny_vit_checkpoint), image_size=224,
+                                        method="galore", rank=4, device="cpu", threads=1)
     assert inputs.slices == ANNOTATED
     state = job.wait(900)
     assert state == "done", job.error_text(40)
-    assert job.records, "no JSON progress lines: " + job.error_text(10)
-    last = job.records[-1]
+    steps = bridge.step_records(job.records)
+    assert steps, "no JSON step lines: " + job.error_text(10)
+    last = steps[-1]
     for key in ("step", "steps", "loss", "lr", "elapsed", "eta"):
         assert key in last, key
     assert last["steps"] == 2 and last["step"] == 2
+    assert job.records[-1].get("event") == "done"
+    assert all(bridge.progress_text(r) for r in job.records)
     assert os.path.isfile(model_path)
     segment_and_check(vol, seg, ids, drawn, model_path, tmp_path)
 
@@ -151,3 +156,24 @@ def test_effect_box_prompt_and_propagation_with_litemedsam():
         [np.zeros_like(mask), mask, np.zeros_like(mask), np.zeros_like(mask)]))
     with pytest.raises(bridge.BridgeError, match="empty on slice 3"):
         bridge.box_prompt(seg, vol, inner, predict, array01, 0, 3)
+
+
+def test_cancel_keeps_the_last_good_model(tmp_path, tiny_vit_checkpoint):
+    import time
+    scene, vol, seg, ids, truth, drawn = painted_scene()
+    model_path = str(tmp_path / "cancelled.medsaga")
+    job, _ = bridge.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=500,
+                                   base="vit_b", checkpoint=str(tiny_vit_checkpoint), image_size=224,
+                                   method="galore", rank=4, device="cpu", threads=1)
+    deadline = time.time() + 300
+    while time.time() < deadline and not bridge.step_records(job.records):
+        job.poll()
+        assert job.state == "running", job.error_text(30)
+        time.sleep(0.2)
+    assert bridge.step_records(job.records), "no step within 300 s"
+    job.cancel()
+    assert job.wait(300) == "cancelled"
+    done = job.records[-1]
+    assert done.get("event") == "done" and done.get("stopped") and done["steps"] < 500
+    names, _, meta = bridge.model_summary(model_path)
+    assert names == CLASSES

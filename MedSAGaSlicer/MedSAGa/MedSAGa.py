@@ -419,9 +419,10 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         records = job.poll()
         if records:
             last = records[-1]
-            if last.get("steps"):
-                self.ui.progressBar.setRange(0, int(last["steps"]))
-                self.ui.progressBar.setValue(int(last.get("step", 0)))
+            steps = bridge.step_records(records)
+            if steps:
+                self.ui.progressBar.setRange(0, int(steps[-1]["steps"]))
+                self.ui.progressBar.setValue(int(steps[-1]["step"]))
             prefix = "Fine-tuning: " if self._jobKind == "finetune" else "Segmenting: "
             self.ui.progressLabel.text = prefix + bridge.progress_text(last)
         state = job.state

@@ -675,17 +675,19 @@ def cli_axis(axis):
 
 def finetune_command(image, labels, output, slices=None, classes=None, axis=None, base=None,
                      checkpoint=None, method=None, steps=None, rank=None, update_proj_gap=None,
-                     scale=None, lr=None, warmup=None, device=None, resume=None, python=None):
+                     scale=None, lr=None, warmup=None, device=None, resume=None, threads=None,
+                     image_size=None, python=None):
     cmd = [python or python_executable(), "-m", "MedSAGaLib.cli", "finetune",
            "--image", image, "--labels", labels]
     if slices:
         cmd += ["--slices", ",".join(str(int(s)) for s in slices)]
     if classes:
         cmd += ["--classes", *[str(c) for c in classes]]
-    opts = [("--axis", None if axis is None else cli_axis(axis)), ("--base", base), ("--checkpoint", checkpoint), ("--method", method),
+    opts = [("--axis", None if axis is None else cli_axis(axis)), ("--base", base),
+            ("--checkpoint", checkpoint), ("--image-size", image_size), ("--method", method),
             ("--steps", steps), ("--rank", rank), ("--update-proj-gap", update_proj_gap),
             ("--scale", scale), ("--lr", lr), ("--warmup", warmup), ("--device", device),
-            ("--resume", resume)]
+            ("--resume", resume), ("--threads", threads)]
     for flag, value in opts:
         if value is not None and value != "":
             cmd += [flag, str(value)]
@@ -828,7 +830,7 @@ def start_finetune(volume_node, segmentation_node, model_path, workdir=None, axi
     inputs = prepare_finetune(volume_node, segmentation_node, workdir, axis, slices, segment_ids)
     cmd = finetune_command(inputs.image, inputs.labels, model_path, slices=inputs.slices,
                            classes=inputs.annotations.class_names, axis=inputs.annotations.axis,
-                           **options)
+                           threads=threads, **options)
     return Job(cmd, cwd=inputs.workdir, threads=threads), inputs
 
 
@@ -862,25 +864,46 @@ def format_eta(seconds):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _mean_dice(value):
+    if isinstance(value, dict):
+        vals = [v for v in value.values() if isinstance(v, (int, float))]
+        return sum(vals) / len(vals) if vals else None
+    return value if isinstance(value, (int, float)) else None
+
+
 def progress_text(record):
-    """One-line summary of a progress record."""
+    """One-line summary of a progress record of ``medsaga finetune --progress json``
+    (events: start, prepare, prepare-validation, validate, step, done)."""
     if not record:
         return ""
+    event = record.get("event", "step")
+    if event in ("prepare", "prepare-validation") and "total" in record:
+        what = "validation slices" if event == "prepare-validation" else "training slices"
+        return f"preparing {what} {record.get('done', 0)}/{record['total']}"
+    if event == "start":
+        return (f"starting: {len(record.get('train_slices') or [])} training, "
+                f"{len(record.get('val_slices') or [])} validation slices, {record.get('steps', '?')} steps")
+    if event == "validate":
+        dice = _mean_dice(record.get("val_dice"))
+        return "validation Dice before training" + (f" {dice:.3f}" if dice is not None else "")
     parts = []
-    if "step" in record and "steps" in record:
+    if event == "done":
+        parts.append(f"done: {record.get('steps', '?')} steps" + (" (stopped early)" if record.get("stopped") else ""))
+    elif "step" in record and "steps" in record:
         parts.append(f"step {record['step']}/{record['steps']}")
     if record.get("loss") is not None:
         parts.append(f"loss {float(record['loss']):.4f}")
-    if record.get("val_dice") is not None:
-        vd = record["val_dice"]
-        if isinstance(vd, dict):
-            vals = [v for v in vd.values() if isinstance(v, (int, float))]
-            vd = sum(vals) / len(vals) if vals else None
-        if vd is not None:
-            parts.append(f"val Dice {float(vd):.3f}")
-    if record.get("eta") is not None:
+    dice = _mean_dice(record.get("val_dice"))
+    if dice is not None:
+        parts.append(f"val Dice {float(dice):.3f}")
+    if event != "done" and record.get("eta") is not None:
         parts.append(f"ETA {format_eta(record['eta'])}")
     return ", ".join(parts)
+
+
+def step_records(records):
+    """The training-step records among a job's progress records."""
+    return [r for r in records if r.get("event", "step") == "step" and "step" in r and "steps" in r]
 
 
 # --------------------------------------------------------------------------------------------
