@@ -96,6 +96,8 @@ def test_finetune_then_segment_through_the_bridge(tmp_path, tiny_vit_checkpoint)
     assert job.records[-1].get("event") == "done"
     assert all(bridge.progress_text(r) for r in job.records)
     assert os.path.isfile(model_path)
+    text = bridge.describe_model(model_path)
+    assert "Classes: outer, inner" in text and "galore, 2 steps" in text and "vit_b" in text
     segment_and_check(vol, seg, ids, drawn, model_path, tmp_path)
 
 

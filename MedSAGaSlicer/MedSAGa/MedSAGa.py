@@ -392,8 +392,10 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p.baseModel != "litemedsam" and not p.checkpoint:
                 raise bridge.BridgeError(f"{p.baseModel} needs the official SAM checkpoint file.")
             modelPath = p.modelPath
-            if not modelPath or os.path.isdir(modelPath):
-                folder = modelPath or os.path.join(slicer.app.temporaryPath, "MedSAGa")
+            if not modelPath or os.path.isdir(modelPath) or os.path.exists(modelPath):
+                # never overwrite an adapted model: a new file beside it (or in Slicer's temp folder)
+                folder = (modelPath if os.path.isdir(modelPath) else os.path.dirname(modelPath)) if modelPath \
+                    else os.path.join(slicer.app.temporaryPath, "MedSAGa")
                 os.makedirs(folder, exist_ok=True)
                 modelPath = os.path.join(folder, f"{p.inputVolume.GetName()}-{time.strftime('%Y%m%d-%H%M%S')}{MODEL_SUFFIX}")
             job, inputs = self.logic.startFinetune(p, modelPath, self.selectedSlices())
@@ -469,20 +471,9 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = "No adapted model."
             return
         try:
-            names, dice, meta = self.logic.modelSummary(path)
+            self.ui.modelInfoLabel.text = bridge.describe_model(path)
         except Exception as exc:  # missing dependencies or not a model file
             self.ui.modelInfoLabel.text = f"Cannot read {os.path.basename(path)}: {exc}"
-            return
-        text = f"Classes: {', '.join(names)}"
-        training = meta.get("training") or {}
-        if training.get("method"):
-            text += f"\nBase {meta.get('base_model', '?')}, {training['method']}"
-            if training.get("steps"):
-                text += f", {training['steps']} steps"
-        if dice:
-            text += "\nValidation Dice: " + ", ".join(
-                f"{k} {float(v):.3f}" for k, v in dice.items() if isinstance(v, (int, float)))
-        self.ui.modelInfoLabel.text = text
 
     def onLoadModel(self):
         path = qt.QFileDialog.getOpenFileName(self.parent, "Load adapted model", "",

@@ -923,6 +923,21 @@ def model_summary(model_path):
     return list(meta.get("class_names") or []), dict(meta.get("validation_dice") or {}), meta
 
 
+def describe_model(model_path):
+    """Text for the panel: classes, base model, method, steps and validation Dice."""
+    names, dice, meta = model_summary(model_path)
+    text = f"Classes: {', '.join(names)}"
+    training = meta.get("training") or {}
+    if training.get("method"):
+        text += f"\nBase {meta.get('base_model', '?')}, {training['method']}"
+        if training.get("steps"):
+            text += f", {training['steps']} steps" + (" (stopped early)" if training.get("stopped") else "")
+    values = {k: v for k, v in dice.items() if isinstance(v, (int, float))}
+    if values:
+        text += "\nValidation Dice: " + ", ".join(f"{k} {float(v):.3f}" for k, v in values.items())
+    return text
+
+
 def segment_in_process(volume_node, segmenter, axis, slices=None, device="cpu", progress=False):
     """Class labels (k, j, i) for ``slices`` (all when None) with a loaded ClassSegmenter."""
     from MedSAGaLib.inference import segment_volume
