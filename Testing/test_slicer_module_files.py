@@ -137,6 +137,11 @@ def test_top_cmake_and_catalog_entry():
     entry = json.load(open(os.path.join(ROOT, "MedSAGa.json")))
     assert entry["$schema"].startswith("https://") and entry["category"] == "Segmentation"
     assert entry["scm_url"].endswith(".git") and isinstance(entry["build_dependencies"], list)
+    # the catalog schema (v1.0.2) allows no other properties
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed, set(entry) - allowed
+    assert entry.get("scm_type", "git") in ("git", "local") and 1 <= entry.get("tier", 1) <= 5
 
 
 def test_ui_file_is_valid_designer_xml():
