@@ -113,7 +113,7 @@ def _installTorch(requirements):
             torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.1",
                                     torchvisionVersionRequirement=">=0.16")
         return
-    slicer.util.pip_install(" ".join(f'"{r}"' for r in requirements))
+    slicer.util.pip_install(" ".join(requirements))  # no spaces inside a requirement: no quoting
 
 
 def installDependencies(askUser=True):
@@ -145,8 +145,8 @@ def installDependencies(askUser=True):
                     kwargs["requester"] = "MedSAGa"
                 pipEnsure([Requirement(r) for r in others], **kwargs)
             else:
-                slicer.util.pip_install(" ".join(f'"{r}"' for r in others)
-                                        + " -c " + _constraintsFile())
+                # a list keeps a constraints path with spaces intact
+                slicer.util.pip_install(list(others) + ["-c", _constraintsFile()])
     importlib.invalidate_caches()
     still = missingDependencies()
     if still:
