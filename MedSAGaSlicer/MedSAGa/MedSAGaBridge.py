@@ -657,6 +657,11 @@ def library_parent():
 
 def python_executable():
     """The Python to run the library with: Slicer's own (PythonSlicer) inside Slicer."""
+    if hasattr(slicer, "app"):  # inside the application: the launcher-wrapped interpreter
+        import shutil
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
     exe = sys.executable
     base = os.path.basename(exe).lower()
     if base.startswith("slicer"):  # the application binary itself: use its PythonSlicer

@@ -12,7 +12,7 @@ class SegmentEditorMedSAGa(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "SegmentEditorMedSAGa"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = ["Segmentations"]
+        self.parent.dependencies = ["Segmentations", "MedSAGa"]  # MedSAGaBridge, dependency install
         self.parent.contributors = ["MedSAGa developers"]
         self.parent.hidden = True
         self.parent.helpText = "Registers the MedSAGa Segment Editor effect (SAM box prompts and adapted models)."
