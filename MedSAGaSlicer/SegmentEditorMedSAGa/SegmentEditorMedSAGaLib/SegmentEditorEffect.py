@@ -31,7 +31,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self._dragStart = None
+        self._dragStartXy = None
         self._lastSliceWidget = None
+        self._boxPipeline = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -221,6 +223,46 @@ model's classes (fine-tune one in the MedSAGa module). Annotated slices are kept
 
     # -- drawing a box
 
+    def deactivate(self):
+        self._hideBox()
+        self._dragStart = None
+
+    def _showBox(self, viewWidget, xy0, xy1):
+        if self._boxPipeline is None or self._boxPipeline[4] is not viewWidget:
+            self._hideBox()
+            points = vtk.vtkPoints()
+            points.SetNumberOfPoints(4)
+            lines = vtk.vtkCellArray()
+            lines.InsertNextCell(5)
+            for i in (0, 1, 2, 3, 0):
+                lines.InsertCellPoint(i)
+            poly = vtk.vtkPolyData()
+            poly.SetPoints(points)
+            poly.SetLines(lines)
+            mapper = vtk.vtkPolyDataMapper2D()
+            mapper.SetInputData(poly)
+            actor = vtk.vtkActor2D()
+            actor.SetMapper(mapper)
+            actor.GetProperty().SetColor(1.0, 0.85, 0.1)
+            actor.GetProperty().SetLineWidth(2)
+            renderer = self.scriptedEffect.renderer(viewWidget)
+            renderer.AddActor2D(actor)
+            self._boxPipeline = (points, poly, actor, renderer, viewWidget)
+        points, poly = self._boxPipeline[0], self._boxPipeline[1]
+        (x0, y0), (x1, y1) = xy0, xy1
+        for i, (x, y) in enumerate(((x0, y0), (x1, y0), (x1, y1), (x0, y1))):
+            points.SetPoint(i, x, y, 0)
+        points.Modified()
+        poly.Modified()
+        self.scriptedEffect.forceRender(viewWidget)
+
+    def _hideBox(self):
+        if self._boxPipeline is not None:
+            _, _, actor, renderer, viewWidget = self._boxPipeline
+            renderer.RemoveActor2D(actor)
+            self._boxPipeline = None
+            self.scriptedEffect.forceRender(viewWidget)
+
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
@@ -230,9 +272,15 @@ model's classes (fine-tune one in the MedSAGa module). Annotated slices are kept
         xy = callerInteractor.GetEventPosition()
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
             self._dragStart = self.scriptedEffect.xyToRas(xy, viewWidget)
+            self._dragStartXy = xy
+            self._showBox(viewWidget, xy, xy)
+            return True
+        if eventId == vtk.vtkCommand.MouseMoveEvent and self._dragStart is not None:
+            self._showBox(viewWidget, self._dragStartXy, xy)
             return True
         if eventId == vtk.vtkCommand.LeftButtonReleaseEvent and self._dragStart is not None:
             start, self._dragStart = self._dragStart, None
+            self._hideBox()
             end = self.scriptedEffect.xyToRas(xy, viewWidget)
             try:
                 _, segmentation, volume = self._nodes()
