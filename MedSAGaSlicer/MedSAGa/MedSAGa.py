@@ -655,10 +655,15 @@ class MedSAGaTest(ScriptedLoadableModuleTest):
         p = logic.getParameterNode()
         p.inputVolume, p.segmentation, p.steps, p.device = volume, segmentation, 2, "cpu"
         modelPath = os.path.join(logic.workdir(), "test" + MODEL_SUFFIX)
-        job, inputs = logic.startFinetune(p, modelPath, threads=2)
+        overrides = {}
+        checkpoint = os.environ.get("MEDSAGA_TEST_VIT_B_CHECKPOINT")  # a small vit_b-format file: fast
+        if checkpoint:
+            overrides = dict(base="vit_b", checkpoint=checkpoint, image_size=224, rank=4)
+        job, inputs = logic.startFinetune(p, modelPath, threads=2, **overrides)
         self.assertEqual(job.wait(1800), "done", job.error_text(40))
         self.assertTrue(os.path.isfile(modelPath))
-        self.assertTrue(job.records and job.records[-1]["step"] == 2)
+        steps = bridge.step_records(job.records)
+        self.assertTrue(steps and steps[-1]["step"] == 2, job.error_text(20))
         p.modelPath = modelPath
         job, context = logic.startSegment(p)
         self.assertEqual(job.wait(1800), "done", job.error_text(40))
