@@ -398,7 +398,10 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     else os.path.join(slicer.app.temporaryPath, "MedSAGa")
                 os.makedirs(folder, exist_ok=True)
                 modelPath = os.path.join(folder, f"{p.inputVolume.GetName()}-{time.strftime('%Y%m%d-%H%M%S')}{MODEL_SUFFIX}")
-            job, inputs = self.logic.startFinetune(p, modelPath, self.selectedSlices())
+            slices = self.selectedSlices()
+            if not slices:
+                raise bridge.BridgeError("Tick at least one annotated slice to fine-tune on.")
+            job, inputs = self.logic.startFinetune(p, modelPath, slices)
             self._startJob(job, "finetune", {"modelPath": modelPath, "inputs": inputs})
             self.ui.progressLabel.text = f"Fine-tuning on {len(inputs.slices)} slices..."
 
