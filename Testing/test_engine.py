@@ -102,7 +102,7 @@ def test_class_head_returns_k_plus_one_logits_and_labels_on_the_input_grid(tiny_
     assert not sagittal[:, :, [0, 1, 2, 3]].any()
 
 
-def test_litemedsam_head_builds_from_the_pretrained_decoder():
+def test_litemedsam_head_builds_from_the_pretrained_decoder(tmp_path):
     base = build_base_model("litemedsam")
     segmenter = ClassSegmenter.from_base(base, ["gm", "wm"])
     pretrained = base.mask_decoder
@@ -112,6 +112,11 @@ def test_litemedsam_head_builds_from_the_pretrained_decoder():
     assert torch.equal(segmenter.mask_decoder.mask_tokens.weight[2], pretrained.mask_tokens.weight[1])
     assert torch.equal(segmenter.mask_decoder.transformer.layers[0].self_attn.q_proj.weight,
                        pretrained.transformer.layers[0].self_attn.q_proj.weight)
+    # TinyViT's BatchNorm counters are 0-dim tensors: they must survive the model file too.
+    path = save_model(tmp_path / "lite.medsaga", segmenter)
+    loaded = load_model(path)
+    for name, tensor in segmenter.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
 # ---------------------------------------------------------------- model files
