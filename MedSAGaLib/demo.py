@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     timings["load"] = time.perf_counter() - start
 
     runs = {}
+    feature_cache = {}  # frozen-encoder features shared by the runs (same pretrained encoder, same slices)
     models = {}
     plan = [(args.method, args.steps)] + ([("decoder", args.baseline_steps)] if args.baseline_steps > 0 else [])
     for method, steps in plan:
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
         config.warmup = min(config.warmup, max(0, steps - 1))
         progress = Progress("auto", steps)
         try:
-            result = finetune(segmenter, train_images, train_labels, config, val_images, val_labels, callback=progress)
+            result = finetune(segmenter, train_images, train_labels, config, val_images, val_labels, callback=progress,
+                              feature_cache=feature_cache)
         finally:
             progress.close()
         runs[method] = result

@@ -267,3 +267,17 @@ def test_activation_checkpointing_gives_the_same_step(tiny_model_file):
         assert "forward" not in seg.image_encoder.blocks[0].__dict__  # wrappers removed
     for n in out[0]:
         assert torch.allclose(out[0][n], out[1][n], atol=1e-5), n
+
+
+def test_feature_cache_is_shared_between_runs_on_the_same_encoder(tiny_model_file):
+    images, labels = phantom_slices(3)
+    cache = {}
+    results = []
+    for method, stages in (("galore", 1), ("decoder", None)):
+        seg = load_model(tiny_model_file)
+        results.append(finetune(seg, images[:2], labels[:2], quick(method=method, train_stages=stages, steps=1),
+                                images[2:], labels[2:], feature_cache=cache))
+    depths = sorted({d for (_, d) in cache})
+    assert depths == [3, 5]  # stage-1 prefix (3 stages) reused and continued to the frozen encoder's output
+    fresh = finetune(load_model(tiny_model_file), images[:2], labels[:2], quick(method="decoder", steps=1), images[2:], labels[2:])
+    assert fresh.initial_val_dice == results[1].initial_val_dice

@@ -112,6 +112,23 @@ class EncoderSplit:
             x = self._finish(x)
         return x
 
+    @property
+    def frozen_depth(self) -> int:
+        """Stages the prefix applies (after the patch embedding)."""
+        return self.num_stages - self.train_stages
+
+    def prefix_from(self, features: torch.Tensor, depth: int) -> torch.Tensor:
+        """Continue the frozen prefix from features that already went through ``depth`` stages."""
+        if self.whole or depth > self.frozen_depth:
+            raise ValueError("Cached features are deeper than this split's frozen prefix.")
+        x = features
+        for group in self.stages[depth : self.frozen_depth]:
+            for m in group:
+                x = m(x)
+        if self.frozen:
+            x = self._finish(x)
+        return x
+
     def suffix(self, features: torch.Tensor) -> torch.Tensor:
         """Trainable part: prefix features -> image embeddings."""
         if self.frozen:

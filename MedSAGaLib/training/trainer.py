@@ -138,8 +138,14 @@ def finetune(
     val_labels: Optional[Sequence[np.ndarray]] = None,
     callback: Optional[Callable[[dict], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    feature_cache: Optional[dict] = None,
 ) -> FinetuneResult:
-    """Fine-tune ``segmenter`` (a ClassSegmenter) on 2-D slices in [0, 1] with labels 0..k."""
+    """Fine-tune ``segmenter`` (a ClassSegmenter) on 2-D slices in [0, 1] with labels 0..k.
+
+    ``feature_cache``: a dict shared between runs that start from the *same pretrained encoder* on
+    the same slices (e.g. a method and its baseline); frozen-prefix features computed by one run are
+    reused (or continued to a deeper prefix) by the next.
+    """
     config = (config or FinetuneConfig()).validate()
     k = segmenter.num_classes
     check_training_data(images01, labels, k, getattr(segmenter, "class_names", None))
@@ -226,6 +232,21 @@ def finetune(
         std = segmenter.pixel_std.to(device)
 
         def prefix_features(images: list[torch.Tensor], phase: str) -> list[torch.Tensor]:
+            stacked = torch.stack(images)
+            signature = (phase, len(images), round(float(stacked.sum()), 3), round(float(stacked.square().sum()), 3))
+            depth = split.frozen_depth + (1 if split.frozen else 0)
+            if feature_cache is not None:
+                if (signature, depth) in feature_cache:
+                    return feature_cache[(signature, depth)]
+                usable = [d for (sig, d) in feature_cache if sig == signature and d <= split.frozen_depth]
+                if usable:
+                    start = max(usable)
+                    cached = feature_cache[(signature, start)]
+                    with torch.no_grad(), autocast():
+                        feats = [split.prefix_from(cached[i : i + 2].to(device), start).float() for i in range(0, len(cached), 2)]
+                    feats = torch.cat(feats)
+                    feature_cache[(signature, depth)] = feats
+                    return feats
             feats = []
             with torch.no_grad(), autocast():
                 for i in range(0, len(images), 2):
@@ -236,6 +257,9 @@ def finetune(
                     feats.extend(out.unbind(0))
                     emit({"phase": phase, "done": min(i + 2, len(images)), "total": len(images),
                           "elapsed": time.perf_counter() - start_time})
+            feats = torch.stack(feats)
+            if feature_cache is not None:
+                feature_cache[(signature, depth)] = feats
             return feats
 
         online = None
@@ -272,7 +296,7 @@ def finetune(
             with torch.no_grad():
                 for i in range(0, len(val), 2):
                     if val_feats is not None:
-                        feats = torch.stack(val_feats[i : i + 2])
+                        feats = val_feats[i : i + 2]
                     else:
                         feats = (torch.stack(val.images[i : i + 2]).to(device) - mean) / std
                     pred = forward(feats).argmax(1).cpu()
