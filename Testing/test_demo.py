@@ -1,0 +1,27 @@
+"""The demo's pipeline end to end on the real MNI152 data and LiteMedSAM, at a toy step budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_writes_model_report_and_overlays(tmp_path):
+    from MedSAGaLib.demo import main
+    from MedSAGaLib.modelfile import read_metadata
+
+    out = tmp_path / "demo"
+    assert main(["--output", str(out), "--steps", "2", "--baseline-steps", "1", "--shots", "2", "--val-slices", "2",
+                 "--segment", "none", "--threads", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    comparison = report["comparison_on_unseen_slices"]
+    assert set(comparison) == {"untrained head", "galore", "decoder"}
+    assert set(comparison["galore"]["val_dice"]) == {"grey_matter", "white_matter"}
+    assert comparison["galore"]["galore_parameters"] > 0 and comparison["decoder"]["galore_parameters"] == 0
+    assert len(report["train_slices"]) == 2 and not set(report["train_slices"]) & set(report["unseen_validation_slices"])
+    assert report["files"]["overlays"] and all((out / f).exists() for f in report["files"]["overlays"])
+    assert (out / "loss_curves.png").exists()
+    meta = read_metadata(out / report["files"]["model"])
+    assert meta["training"]["method"] == "galore" and meta["class_names"] == ["grey_matter", "white_matter"]
