@@ -1,0 +1,357 @@
+"""``medsaga bench quality``: Dice and HD95 on unseen slices versus the number of training slices.
+
+Task: nilearn's MNI152 2009 T1 template, background / grey matter / white matter (argmax of the
+bundled probability maps), axial slices. A fixed set of test slices, evenly spread over the
+annotated range, is never trained on. For every seed, ``shots`` training slices are drawn at random
+from the remaining slices that hold both classes; every method trains on the same draw, from the
+same pretrained LiteMedSAM, with the same steps, batch and schedule (the real trainer, no
+validation: the last weights are scored). Baselines on the same test slices:
+
+- ``oracle-box``: zero-shot LiteMedSAM prompted with each class's bounding box taken from the
+  reference labels (an upper-bound-ish prompt no user would draw for every slice);
+- ``unet``: a MONAI 2-D U-Net trained from scratch on the same training slices (the classical
+  supervised baseline), same augmentation, same input size.
+
+Loss curves with and without warm-up are recorded for one method at one shot count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .common import machine_info, set_threads, write_json
+
+METHODS = ("galore", "galore-layerwise", "lora", "full", "decoder")
+DEFAULT_METHODS = ("galore", "lora", "full", "decoder")
+
+
+def log(message: str) -> None:
+    print(f"[bench quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_task(test_slices: int = 8):
+    """(array01 z,y,x, labels, axis, spacing2d, test indices, candidate training indices)."""
+    import SimpleITK as sitk
+
+    from ..cli_train import evenly_spread
+    from ..data import mni152_tissue_labels
+    from ..segio import annotated_slices
+    from ..volume import normalize_intensity, slice_axis
+
+    image, label_image = mni152_tissue_labels()
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    labels = sitk.GetArrayFromImage(label_image).astype(np.uint8)
+    axis = slice_axis(image, "axial")
+    array01 = normalize_intensity(array)
+    take = lambda vol, z: np.take(vol, z, axis=axis)  # noqa: E731
+    # Slices where both tissues are present with some area: a 1-shot draw must show both classes.
+    rich = [z for z in annotated_slices(labels, axis)
+            if min(int((take(labels, z) == c).sum()) for c in (1, 2)) >= 200]
+    test = evenly_spread(rich, test_slices)
+    # Keep training slices at least 2 slices away from any test slice (neighbours are near-copies).
+    candidates = [z for z in rich if min(abs(z - t) for t in test) > 2]
+    spacing_zyx = list(image.GetSpacing())[::-1]
+    spacing2d = [s for a, s in enumerate(spacing_zyx) if a != axis]
+    return array01, labels, axis, spacing2d, test, candidates
+
+
+def draw_training(candidates: list[int], shots: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(1000 + seed)
+    return sorted(int(z) for z in rng.choice(candidates, size=min(shots, len(candidates)), replace=False))
+
+
+def score(pred: np.ndarray, ref: np.ndarray, spacing2d, names) -> dict:
+    from ..cli_train import evaluate_labels
+
+    metrics = evaluate_labels(pred, ref, len(names), spacing2d)
+    per_class = {names[c - 1]: metrics[c] for c in metrics}
+    dices = [m["dice"] for m in per_class.values() if math.isfinite(m["dice"])]
+    hds = [m["hd95_mm"] for m in per_class.values() if math.isfinite(m["hd95_mm"])]
+    return {"per_class": per_class, "dice": float(np.mean(dices)) if dices else float("nan"),
+            "hd95_mm": float(np.mean(hds)) if hds else float("nan")}
+
+
+def predict(segmenter, slices01: list[np.ndarray]) -> np.ndarray:
+    from ..fastpath import inference_copy
+    from ..inference import predict_slices
+
+    fast = inference_copy(segmenter.eval())
+    out = []
+    for i in range(0, len(slices01), 4):
+        out.extend(predict_slices(fast, slices01[i : i + 4]))
+    return np.stack(out)
+
+
+def train_unet(train_images, train_labels, num_classes: int, steps: int, image_size: int, seed: int,
+               batch_size: int = 2, lr: float = 1e-3):
+    """A MONAI U-Net from scratch on the same slices (same augmentation and input size as SAM)."""
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    from ..training.data import BatchSampler, FewShotSlices, augment, build_augmentation
+
+    torch.manual_seed(seed)
+    net = UNet(spatial_dims=2, in_channels=1, out_channels=num_classes + 1, channels=(16, 32, 64, 128, 256),
+               strides=(2, 2, 2, 2), num_res_units=2)
+    data = FewShotSlices(train_images, train_labels, image_size)
+    transform = build_augmentation(seed)
+    sampler = BatchSampler(len(data), batch_size, seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.8, lambda_ce=0.2, batch=True)
+    losses = []
+    net.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * (1 - step / steps) ** 0.9
+        pairs = [augment(transform, data.images[i], data.labels[i]) for i in sampler.next()]
+        x = torch.stack([a[:1] for a, _ in pairs])
+        y = torch.stack([b for _, b in pairs])[:, None]
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    net.eval()
+    return net, losses
+
+
+def predict_unet(net, slices01: list[np.ndarray], image_size: int) -> np.ndarray:
+    import torch
+
+    from ..preprocess import SliceTransform
+
+    tf = SliceTransform(image_size)
+    out = []
+    with torch.inference_mode():
+        for s in slices01:
+            logits = net(tf.to_model(s)[None, :1])[0]
+            out.append(tf.from_model(logits, s.shape).argmax(0).numpy().astype(np.uint8))
+    return np.stack(out)
+
+
+def run(args) -> dict:
+    from ..data import TISSUE_CLASSES
+    from ..head import ClassSegmenter
+    from ..inference import segment_with_boxes
+    from ..models import build_base_model
+    from ..training import FinetuneConfig, finetune
+
+    set_threads(args.threads)
+    started = time.perf_counter()
+    names = list(TISSUE_CLASSES)
+    array01, labels, axis, spacing2d, test, candidates = load_task(args.test_slices)
+    take = lambda vol, z: np.take(vol, z, axis=axis)  # noqa: E731
+    test_images = [take(array01, z) for z in test]
+    test_ref = np.stack([take(labels, z) for z in test])
+    log(f"test slices {test}; {len(candidates)} candidate training slices; shots {args.shots}; seeds {args.seeds}")
+    out_dir = Path(args.output)
+    payload = {
+        "benchmark": "quality",
+        "task": "MNI152 2009 T1 template, grey/white matter, axial slices (nilearn)",
+        "settings": {k: getattr(args, k) for k in ("shots", "seeds", "methods", "steps", "batch_size", "lr", "warmup",
+                                                   "train_stages", "rank", "test_slices", "unet_steps", "threads")},
+        "test_slices": test,
+        "machine": machine_info("cpu"),
+        "runs": [],
+        "baselines": {},
+        "loss_curves": {},
+    }
+
+    def save():
+        payload["seconds"] = time.perf_counter() - started
+        write_json(out_dir / f"{args.name}.json", payload)
+
+    if not args.no_oracle:
+        t0 = time.perf_counter()
+        base = build_base_model("litemedsam")
+        pred = segment_with_boxes(base, array01, labels, axis, test, label_values=[1, 2], progress=False)
+        payload["baselines"]["oracle-box"] = dict(score(np.stack([take(pred, z) for z in test]), test_ref, spacing2d, names),
+                                                   seconds=time.perf_counter() - t0)
+        log(f"oracle-box zero-shot: Dice {payload['baselines']['oracle-box']['dice']:.3f}")
+        untrained = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
+        payload["baselines"]["untrained-head"] = score(predict(untrained, test_images), test_ref, spacing2d, names)
+        log(f"untrained k-class head: Dice {payload['baselines']['untrained-head']['dice']:.3f}")
+        save()
+
+    for shots in args.shots:
+        for seed in range(args.seeds):
+            train_idx = draw_training(candidates, shots, seed)
+            images = [take(array01, z) for z in train_idx]
+            labs = [take(labels, z) for z in train_idx]
+            cache: dict = {}
+            for method in args.methods:
+                t0 = time.perf_counter()
+                segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
+                config = FinetuneConfig(method=method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                        warmup=min(args.warmup, args.steps - 1), rank=args.rank, seed=seed,
+                                        train_stages=None if method == "decoder" else args.train_stages)
+                result = finetune(segmenter, images, labs, config, feature_cache=cache)
+                s = score(predict(segmenter, test_images), test_ref, spacing2d, names)
+                row = dict(method=method, shots=shots, seed=seed, train_slices=train_idx, steps=result.steps_done,
+                           seconds_per_step=result.seconds_per_step, total_seconds=time.perf_counter() - t0,
+                           final_loss=result.final_loss, trainable_parameters=result.trainable_parameters,
+                           train_stages=result.train_stages,
+                           losses=[h["loss"] for h in result.history if "loss" in h], **s)
+                payload["runs"].append(row)
+                log(f"{method:16s} shots {shots:2d} seed {seed}: Dice {s['dice']:.3f} HD95 {s['hd95_mm']:.1f} mm "
+                    f"({result.seconds_per_step:.2f} s/step, {row['total_seconds']:.0f} s)")
+                save()
+            if args.unet_steps > 0:
+                t0 = time.perf_counter()
+                net, losses = train_unet(images, labs, len(names), args.unet_steps, 256, seed)
+                s = score(predict_unet(net, test_images, 256), test_ref, spacing2d, names)
+                payload["runs"].append(dict(method="unet", shots=shots, seed=seed, train_slices=train_idx,
+                                            steps=args.unet_steps, total_seconds=time.perf_counter() - t0,
+                                            final_loss=losses[-1], losses=losses, **s))
+                log(f"{'unet (scratch)':16s} shots {shots:2d} seed {seed}: Dice {s['dice']:.3f} HD95 {s['hd95_mm']:.1f} mm "
+                    f"({time.perf_counter() - t0:.0f} s)")
+                save()
+
+    if args.warmup_curve_method:
+        shots = args.warmup_curve_shots
+        train_idx = draw_training(candidates, shots, 0)
+        images = [take(array01, z) for z in train_idx]
+        labs = [take(labels, z) for z in train_idx]
+        cache = {}
+        for warm in (args.warmup, 0):
+            segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
+            config = FinetuneConfig(method=args.warmup_curve_method, steps=args.steps, batch_size=args.batch_size,
+                                    lr=args.lr * args.warmup_curve_lr_factor, warmup=min(warm, args.steps - 1),
+                                    rank=args.rank, train_stages=args.train_stages)
+            result = finetune(segmenter, images, labs, config, feature_cache=cache)
+            key = f"warmup {warm}"
+            payload["loss_curves"][key] = dict(method=args.warmup_curve_method, shots=shots,
+                                               lr=config.lr, losses=[h["loss"] for h in result.history if "loss" in h])
+            log(f"loss curve ({key}, lr {config.lr:g}): final loss {result.final_loss:.3f}")
+            save()
+    payload["summary"] = summarize(payload)
+    save()
+    (out_dir / f"{args.name}.md").write_text(markdown(payload))
+    plot(payload, out_dir / f"{args.name}.png", out_dir / f"{args.name}_loss.png")
+    return payload
+
+
+def summarize(payload: dict) -> list[dict]:
+    rows = []
+    keys = sorted({(r["method"], r["shots"]) for r in payload["runs"]}, key=lambda k: (k[0], k[1]))
+    for method, shots in keys:
+        runs = [r for r in payload["runs"] if r["method"] == method and r["shots"] == shots]
+        dice = np.array([r["dice"] for r in runs], dtype=float)
+        hd = np.array([r["hd95_mm"] for r in runs], dtype=float)
+        rows.append(dict(method=method, shots=shots, seeds=len(runs), dice_mean=float(np.nanmean(dice)),
+                         dice_std=float(np.nanstd(dice)), hd95_mean=float(np.nanmean(hd)), hd95_std=float(np.nanstd(hd)),
+                         seconds_per_step=float(np.mean([r.get("seconds_per_step", float("nan")) for r in runs]))))
+    return rows
+
+
+def markdown(payload: dict) -> str:
+    s = payload["settings"]
+    lines = [f"MNI152 grey/white matter, {len(payload['test_slices'])} unseen axial test slices; "
+             f"{s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}, warm-up {s['warmup']}, "
+             f"encoder stages trained {s['train_stages'] or 'default'}, GaLore rank {s['rank']}, "
+             f"{s['seeds']} seed(s); U-Net {s['unet_steps']} steps. Dice mean ± std over seeds (HD95 in mm).\n"]
+    shots = sorted({r["shots"] for r in payload["summary"]})
+    methods = []
+    for r in payload["summary"]:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    lines.append("| method | " + " | ".join(f"{n} shot{'s' if n > 1 else ''}" for n in shots) + " |")
+    lines.append("|---|" + "---:|" * len(shots))
+    for m in methods:
+        cells = []
+        for n in shots:
+            row = next((r for r in payload["summary"] if r["method"] == m and r["shots"] == n), None)
+            cells.append("-" if row is None else f"{row['dice_mean']:.3f} ± {row['dice_std']:.3f} ({row['hd95_mean']:.1f})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for name, b in payload["baselines"].items():
+        lines.append(f"| {name} (zero-shot) | " + " | ".join(f"{b['dice']:.3f} ({b['hd95_mm']:.1f})" for _ in shots) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict, dice_path: Path, loss_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    methods = []
+    for r in payload["summary"]:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    for m in methods:
+        rows = sorted((r for r in payload["summary"] if r["method"] == m), key=lambda r: r["shots"])
+        ax.errorbar([r["shots"] for r in rows], [r["dice_mean"] for r in rows], yerr=[r["dice_std"] for r in rows],
+                    marker="o", capsize=3, label=m)
+    for name, b in payload["baselines"].items():
+        ax.axhline(b["dice"], linestyle="--", linewidth=1, color="gray" if name != "oracle-box" else "k",
+                   label=f"{name} (zero-shot)")
+    ax.set_xscale("log")
+    shots = sorted({r["shots"] for r in payload["summary"]})
+    ax.set_xticks(shots)
+    ax.set_xticklabels([str(s) for s in shots])
+    ax.set_xlabel("annotated training slices")
+    ax.set_ylabel("mean Dice (GM, WM) on unseen slices")
+    ax.set_title(f"MNI152, {payload['settings']['steps']} steps per run")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dice_path, dpi=110)
+    plt.close(fig)
+    curves = payload.get("loss_curves") or {}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key, c in curves.items():
+        ax.plot(range(1, len(c["losses"]) + 1), c["losses"], label=f"{c['method']} {key} (lr {c['lr']:g})")
+    if not curves:  # fall back to the sweep's own curves
+        for r in payload["runs"][:6]:
+            ax.plot(r["losses"], label=f"{r['method']} {r['shots']} shots")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (0.2 CE + 0.8 Dice)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(loss_path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10],
+                        help="training slice counts (default 1 5 10; the full sweep: 1 3 5 10 20)")
+    parser.add_argument("--seeds", type=int, default=1, help="draws of training slices per count (default 1; full: 3)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
+    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps per run (default 40; full: 200)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--train-stages", type=int, default=1,
+                        help="encoder stages trained by the encoder methods (default 1 = last TinyViT stage; "
+                             "the trainer's own default is 3)")
+    parser.add_argument("--rank", type=int, default=64, help="GaLore rank")
+    parser.add_argument("--test-slices", type=int, default=8)
+    parser.add_argument("--unet-steps", type=int, default=200, help="U-Net steps (0 skips the U-Net)")
+    parser.add_argument("--no-oracle", action="store_true", help="skip the zero-shot baselines")
+    parser.add_argument("--warmup-curve-method", default="galore", help="method of the warm-up loss curves ('' skips)")
+    parser.add_argument("--warmup-curve-shots", type=int, default=5)
+    parser.add_argument("--warmup-curve-lr-factor", type=float, default=4.0,
+                        help="learning-rate multiple for the warm-up curves (warm-up matters at high rates)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="docs/results")
+    parser.add_argument("--name", default="quality")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m MedSAGaLib.bench.quality", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Benchmarks: memory accounting in a fresh worker process, the inference fast path's equivalence,
+report writers and the ``medsaga bench`` command line. Small models only; no timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from MedSAGaLib.bench import memory
+from MedSAGaLib.bench.common import run_worker
+from MedSAGaLib.fastpath import inference_copy
+
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1]}
+
+
+def _worker(method: str, extra=()) -> dict:
+    args = ["--model", "vit_b", "--image-size", "224", "--vit-spec", json.dumps(TINY_VIT), "--method", method,
+            "--steps", "2", "--batch-size", "1", "--rank", "8", "--threads", "1", *extra]
+    result = run_worker("MedSAGaLib.bench.memory", args, timeout=300)
+    assert "error" not in result, result
+    return result
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict:
+    return {m: _worker(m) for m in ("full", "galore", "galore-layerwise")}
+
+
+def test_memory_accounting_adds_up(measured):
+    full = measured["full"]
+    assert full["steps"] == 2 and full["method"] == "full"
+    assert 0 < full["trainable"] <= full["weights"]
+    # Plain AdamW keeps every gradient until the step (parameters off the loss path, such as SAM's
+    # IoU head, get none), then two moments and a step counter per parameter that had a gradient.
+    assert 0.9 * full["trainable"] <= full["grads_peak"] <= full["trainable"]
+    assert 2 * full["grads_peak"] <= full["optimizer_state"] <= 2 * full["trainable"] + 8 * 1024
+    assert full["activations_saved"] > 0
+    assert full["accounted"] == full["weights"] + full["grads_peak"] + full["optimizer_state"] + full["activations_saved"]
+    # The allocator tracker saw at least the model, its gradients and the optimizer state at once.
+    assert full["tracker_peak"] >= full["weights"] + full["optimizer_state"]
+    assert full["rss_peak"] is None or full["rss_peak"] > 0
+
+
+def test_galore_state_and_layerwise_gradients_are_smaller(measured):
+    full, galore, layerwise = measured["full"], measured["galore"], measured["galore-layerwise"]
+    assert galore["galore_parameters"] > 0
+    assert galore["trainable"] == full["trainable"]
+    assert galore["optimizer_state"] < full["optimizer_state"]
+    assert layerwise["optimizer_state"] == pytest.approx(galore["optimizer_state"], rel=0.01)
+    # Layer-wise updates free each gradient as soon as it is used: never the whole set at once.
+    assert layerwise["grads_peak"] < full["grads_peak"] / 4
+
+
+def test_memory_reports(measured, tmp_path):
+    rows = [measured["full"], measured["galore"], measured["galore-layerwise"],
+            {"model": "vit_b", "image_size": 224, "method": "lora", "checkpointing": True, "error": "boom"}]
+    table = memory.markdown_table(rows)
+    assert "| full |" in table and "| galore-layerwise |" in table and "error: boom" in table
+    assert "1.00" in table  # full against itself
+    png = memory.bar_chart(rows, tmp_path / "memory.png")
+    assert png.stat().st_size > 1000
+
+
+def test_checkpointing_reduces_saved_activations(measured):
+    plain = measured["full"]
+    ckpt = _worker("full", ["--checkpointing"])
+    assert ckpt["activations_saved"] < plain["activations_saved"]
+
+
+def test_fast_path_matches_plain_litemedsam():
+    from MedSAGaLib.head import ClassSegmenter
+    from MedSAGaLib.inference import segment_volume
+    from MedSAGaLib.models import build_base_model
+
+    torch.manual_seed(0)
+    seg = ClassSegmenter.from_base(build_base_model("litemedsam"), ["a", "b"]).eval()
+    fast = inference_copy(seg)
+    assert fast._fastpath["fused_conv_bn"] > 0
+    assert any(type(m).__name__ == "Conv2d_BN" for m in seg.modules()), "the original model must stay untouched"
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = ((np.sin(xx / 9.0) + np.cos(yy / 13.0)) * 0.25 + 0.5).astype(np.float32)
+    x = torch.stack([torch.from_numpy(img).expand(3, -1, -1), torch.rand(3, 256, 256)])
+    with torch.inference_mode():
+        ref, out = seg(x), fast(x)
+    assert float((ref - out).abs().max()) < 1e-3
+    assert float((ref.argmax(1) == out.argmax(1)).float().mean()) > 0.999
+    volume = np.stack([img[:200, :180], img[20:220, 10:190]])
+    plain = segment_volume(seg, volume, axis=0, batch_size=2, progress=False, fast=False)
+    quick = segment_volume(seg, volume, axis=0, batch_size=2, progress=False)
+    assert (plain == quick).mean() > 0.999
+
+
+def test_fast_path_leaves_vit_unchanged():
+    from MedSAGaLib.head import ClassSegmenter
+    from MedSAGaLib.models import build_sam_vit
+
+    seg = ClassSegmenter.from_base(build_sam_vit("vit_b", None, 224, TINY_VIT), ["a"]).eval()
+    fast = inference_copy(seg)
+    assert fast._fastpath["fused_conv_bn"] == 0
+    x = torch.rand(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(seg(x), fast(x))
+
+
+def test_bench_command_line():
+    from MedSAGaLib.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "memory", "--models", "litemedsam:256", "--methods", "full", "lora"])
+    assert args.models == ["litemedsam:256"] and args.methods == ["full", "lora"] and callable(args.func)
+    args = parser.parse_args(["bench", "quality", "--shots", "1", "3", "--seeds", "2"])
+    assert args.shots == [1, 3] and args.seeds == 2
+    args = parser.parse_args(["bench", "speed", "--methods"])
+    assert args.methods == []
+    assert memory.parse_model("vit_b:1024") == ("vit_b", 1024)
+    assert memory.parse_model("litemedsam") == ("litemedsam", None)
