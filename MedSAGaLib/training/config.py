@@ -27,7 +27,7 @@ class FinetuneConfig:
     method: str = "galore"
     steps: int = 60
     batch_size: int = 2
-    lr: float = 5e-4  # decoder, prompt embeddings and non-GaLore encoder parameters
+    lr: float = 2e-3  # decoder, prompt embeddings and non-GaLore encoder parameters
     encoder_lr: Optional[float] = None  # encoder parameters; None = lr
     weight_decay: float = 0.01
     warmup: int = 10  # linear warm-up steps, then poly decay
