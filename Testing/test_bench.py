@@ -26,7 +26,13 @@ def _worker(method: str, extra=()) -> dict:
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    return {m: _worker(m) for m in ("full", "galore", "galore-layerwise")}
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = {"full": ("full", ()), "galore": ("galore", ()), "galore-layerwise": ("galore-layerwise", ()),
+            "full+ckpt": ("full", ("--checkpointing",))}
+    with ThreadPoolExecutor(max_workers=2) as pool:  # separate processes: their figures do not mix
+        futures = {k: pool.submit(_worker, m, extra) for k, (m, extra) in jobs.items()}
+        return {k: f.result() for k, f in futures.items()}
 
 
 def test_memory_accounting_adds_up(measured):
@@ -66,7 +72,7 @@ def test_memory_reports(measured, tmp_path):
 
 def test_checkpointing_reduces_saved_activations(measured):
     plain = measured["full"]
-    ckpt = _worker("full", ["--checkpointing"])
+    ckpt = measured["full+ckpt"]
     assert ckpt["activations_saved"] < plain["activations_saved"]
 
 
@@ -117,3 +123,26 @@ def test_bench_command_line():
     assert args.methods == []
     assert memory.parse_model("vit_b:1024") == ("vit_b", 1024)
     assert memory.parse_model("litemedsam") == ("litemedsam", None)
+
+
+def test_report_rewrites_only_the_results_section(measured, tmp_path):
+    from argparse import Namespace
+
+    from MedSAGaLib.bench import report
+    from MedSAGaLib.bench.common import write_json
+
+    results = tmp_path / "docs" / "results"
+    write_json(results / "memory.json", {"results": [measured["full"], measured["galore-layerwise"]]})
+    summary = [dict(method=m, shots=n, seeds=1, dice_mean=d, dice_std=0.0, hd95_mean=5.0, hd95_std=0.0, seconds_per_step=1.0)
+               for m, n, d in (("full", 10, 0.80), ("galore", 10, 0.79))]
+    write_json(results / "quality.json", {"settings": dict(steps=3, batch_size=2, lr=5e-4, warmup=1, train_stages=1, rank=8,
+                                                           seeds=1, unet_steps=0), "test_slices": [1, 2],
+                                          "summary": summary, "baselines": {}, "runs": []})
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\nintro\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
+    report.run(Namespace(results=str(results), readme=str(readme), notes=None))
+    text = readme.read_text()
+    assert text.startswith("# Title\nintro\n<!-- results:start -->\n## Results") and text.endswith("<!-- results:end -->\nafter\n")
+    assert "old" not in text and "| galore-layerwise |" in text
+    assert "galore − full = -1.0 Dice points" in text
+    assert "No speed benchmark" in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_bench_parser(subparsers) -> None:
-    from . import memory, quality, speed
+    from . import memory, quality, report, speed
 
     parser = subparsers.add_parser(
         "bench", help="benchmarks: training memory, Dice versus shots, speed",
@@ -23,3 +23,35 @@ def add_bench_parser(subparsers) -> None:
                          description=speed.__doc__.splitlines()[0])
     speed.add_arguments(spd)
     spd.set_defaults(func=lambda args: speed.run(args) and 0)
+    rep = sub.add_parser("report", help="write README.md's Results section from the JSON files",
+                         description=report.__doc__.splitlines()[0])
+    report.add_arguments(rep)
+    rep.set_defaults(func=lambda args: print(report.run(args)) or 0)
+    every = sub.add_parser("all", help="memory, quality and speed with their defaults, then report",
+                           description="Run every benchmark with its default settings into --output, then "
+                                       "rewrite README.md's Results section (hours on a 2-core CPU).")
+    every.add_argument("--output", default="docs/results")
+    every.add_argument("--readme", default="README.md")
+    every.set_defaults(func=run_all)
+
+
+def _defaults(add_arguments, output: str, **extra):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    args.output = output
+    for key, value in extra.items():
+        setattr(args, key, value)
+    return args
+
+
+def run_all(args) -> int:
+    from . import memory, quality, report, speed
+
+    memory.run_sweep(_defaults(memory.add_arguments, args.output))
+    quality.run(_defaults(quality.add_arguments, args.output))
+    speed.run(_defaults(speed.add_arguments, args.output))
+    print(report.run(_defaults(report.add_arguments, args.output, results=args.output, readme=args.readme)))
+    return 0

@@ -24,7 +24,9 @@ It reports, in bytes:
   VmRSS just before training. The high-water mark is reset (``/proc/self/clear_refs``) at that
   point, the libraries the trainer imports lazily (monai, galore-torch) are imported before, and
   the model is already built: so this is what training adds, as the OS sees it (glibc keeps freed
-  memory, so it is an upper bound of what the same training needs).
+  memory, so it is an upper bound of what the same training needs). On CPU the profiler behind
+  ``tracker_peak`` adds hundreds of MB of its own, so the sweep measures it in a second fresh
+  process and takes every other figure from a process without it.
 """
 
 from __future__ import annotations
@@ -286,13 +288,18 @@ def measure(
     return record
 
 
-def label(method: str, checkpointing: bool) -> str:
-    return method + ("+ckpt" if checkpointing else "")
+def label(method: str, checkpointing: bool, rank: Optional[int] = None) -> str:
+    rank_part = f" r{rank}" if rank and method.startswith("galore") else ""
+    return method + rank_part + ("+ckpt" if checkpointing else "")
 
 
-def worker_args(model: str, size: Optional[int], method: str, ckpt: bool, args) -> list[str]:
+def row_label(r: dict) -> str:
+    return label(r.get("method", "?"), r.get("checkpointing", False), r.get("rank"))
+
+
+def worker_args(model: str, size: Optional[int], method: str, ckpt: bool, args, rank: Optional[int] = None) -> list[str]:
     out = ["--model", model, "--method", method, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-           "--precision", args.precision, "--rank", str(args.rank), "--device", args.device, "--threads", str(args.threads)]
+           "--precision", args.precision, "--rank", str(rank or args.rank), "--device", args.device, "--threads", str(args.threads)]
     if size:
         out += ["--image-size", str(size)]
     if ckpt:
@@ -304,8 +311,25 @@ def worker_args(model: str, size: Optional[int], method: str, ckpt: bool, args) 
     return out
 
 
-def run_measurement(model: str, size: Optional[int], method: str, ckpt: bool, args, timeout: Optional[float] = None) -> dict:
-    return run_worker("MedSAGaLib.bench.memory", worker_args(model, size, method, ckpt, args), timeout=timeout)
+def run_measurement(model: str, size: Optional[int], method: str, ckpt: bool, args, timeout: Optional[float] = None,
+                    rank: Optional[int] = None) -> dict:
+    """Fresh processes for one configuration. On CPU the allocator tracker (torch.profiler) costs
+    hundreds of MB of resident memory itself, so it runs in a second fresh process and only its
+    tracker figure is kept; every other figure comes from a process without the profiler."""
+    base = worker_args(model, size, method, ckpt, args, rank)
+    cpu = not str(args.device).startswith("cuda")
+    use_tracker = not getattr(args, "no_tracker", False)
+    plain = run_worker("MedSAGaLib.bench.memory", base + (["--no-tracker"] if cpu and use_tracker else []), timeout=timeout)
+    if "error" in plain or not (cpu and use_tracker):
+        return plain
+    tracked = run_worker("MedSAGaLib.bench.memory", base, timeout=timeout)
+    if "error" in tracked:
+        plain["tracker_error"] = tracked["error"]
+        return plain
+    plain["tracker"] = tracked["tracker"]
+    plain["tracker_peak"] = tracked["tracker_peak"]
+    plain["tracker_process_rss_peak"] = tracked["rss_peak"]
+    return plain
 
 
 def parse_model(spec: str) -> tuple[str, Optional[int]]:
@@ -334,7 +358,7 @@ def markdown_table(results: list[dict]) -> str:
                      "| tracker peak | x full | RSS peak - before | x full | s/step |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            name = label(r.get("method", "?"), r.get("checkpointing", False))
+            name = row_label(r)
             if "error" in r:
                 lines.append(f"| {name} | error: {r['error']} |" + " |" * 10)
                 continue
@@ -362,7 +386,7 @@ def bar_chart(results: list[dict], path: str | Path) -> Path:
              ("optimizer_state", "optimizer state", "#67a9cf"), ("activations_saved", "saved activations", "#a1d76a")]
     for ax, ((model, size), rows) in zip(axes[0], groups):
         rows = [r for r in rows if "error" not in r]
-        names = [label(r["method"], r["checkpointing"]) for r in rows]
+        names = [row_label(r) for r in rows]
         bottom = [0.0] * len(rows)
         for key, name, color in parts:
             vals = [r[key] / MB for r in rows]
@@ -386,23 +410,26 @@ def bar_chart(results: list[dict], path: str | Path) -> Path:
 
 def run_sweep(args) -> dict:
     methods = args.methods or list(METHODS)
-    variants = [(m, c) for m in methods for c in ((False, True) if not args.no_ckpt_variants else (False,))]
+    ckpts = (False, True) if not args.no_ckpt_variants else (False,)
+    variants = [(m, c, None) for m in methods for c in ckpts]
+    variants += [(m, c, r) for r in (getattr(args, "extra_ranks", None) or []) for m in methods if m.startswith("galore")
+                 for c in ckpts]
     results = []
     out = Path(args.output)
     for spec in args.models:
         model, size = parse_model(spec)
-        for method, ckpt in variants:
+        for method, ckpt, rank in variants:
             if method == "decoder" and ckpt:
                 continue  # the frozen encoder runs without gradients: nothing to checkpoint
             t0 = time.perf_counter()
-            res = run_measurement(model, size, method, ckpt, args, timeout=args.timeout)
+            res = run_measurement(model, size, method, ckpt, args, timeout=args.timeout, rank=rank)
             res.setdefault("model", model)
             res.setdefault("image_size", size)
             res.setdefault("method", method)
             res.setdefault("checkpointing", ckpt)
             results.append(res)
             status = res.get("error") or f"tracker {_mb(res.get('tracker_peak'))} MB, RSS +{_mb(res.get('rss_peak'))} MB"
-            print(f"[bench memory] {model} {size or ''} {label(method, ckpt)}: {status} ({time.perf_counter() - t0:.0f} s)",
+            print(f"[bench memory] {model} {size or ''} {label(method, ckpt, rank)}: {status} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
             payload = {"benchmark": "memory", "settings": _settings(args), "results": results}
             write_json(out / f"{args.name}.json", payload)
@@ -412,7 +439,8 @@ def run_sweep(args) -> dict:
 
 
 def _settings(args) -> dict:
-    return {k: getattr(args, k) for k in ("batch_size", "steps", "precision", "rank", "device", "threads", "train_stages")}
+    return {k: getattr(args, k, None) for k in ("batch_size", "steps", "precision", "rank", "extra_ranks", "device", "threads",
+                                                "train_stages")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -424,6 +452,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=2, help="training steps per measurement (>= 2: states exist from step 1)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--rank", type=int, default=128, help="GaLore rank")
+    parser.add_argument("--extra-ranks", type=int, nargs="*", default=[],
+                        help="also measure the GaLore methods at these ranks (e.g. 32 8)")
     parser.add_argument("--train-stages", type=int, default=None, help="encoder stages trained (default: all 4)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)

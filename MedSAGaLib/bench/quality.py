@@ -182,12 +182,13 @@ def run(args) -> dict:
         log(f"untrained k-class head: Dice {payload['baselines']['untrained-head']['dice']:.3f}")
         save()
 
+    caches: dict = {}  # frozen-prefix features per training draw, shared by the methods (and curves)
     for shots in args.shots:
         for seed in range(args.seeds):
             train_idx = draw_training(candidates, shots, seed)
             images = [take(array01, z) for z in train_idx]
             labs = [take(labels, z) for z in train_idx]
-            cache: dict = {}
+            cache = caches.setdefault((shots, seed), {})
             for method in args.methods:
                 t0 = time.perf_counter()
                 segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
@@ -221,7 +222,7 @@ def run(args) -> dict:
         train_idx = draw_training(candidates, shots, 0)
         images = [take(array01, z) for z in train_idx]
         labs = [take(labels, z) for z in train_idx]
-        cache = {}
+        cache = caches.setdefault((shots, 0), {})
         for warm in (args.warmup, 0):
             segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
             config = FinetuneConfig(method=args.warmup_curve_method, steps=args.steps, batch_size=args.batch_size,
