@@ -47,21 +47,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def overlay_png(path: Path, image2d, columns: list[tuple[str, np.ndarray]], colors) -> None:
+# Overlay colours that stand out on a grey MR image (the segmentation keeps the classes' own colours).
+OVERLAY_COLORS = [(0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16)]
+
+
+def overlay_png(path: Path, image2d, columns: list[tuple[str, np.ndarray]], colors, names=(), title="") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cmap = np.zeros((len(colors) + 1, 4))
-    for i, c in enumerate(colors, start=1):
-        cmap[i, :3], cmap[i, 3] = c, 0.55
+    for i in range(1, len(colors) + 1):
+        cmap[i, :3], cmap[i, 3] = OVERLAY_COLORS[(i - 1) % len(OVERLAY_COLORS)], 0.45
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6))
-    for ax, (title, lab) in zip(np.atleast_1d(axes), columns):
+    for ax, (heading, lab) in zip(np.atleast_1d(axes), columns):
         ax.imshow(image2d, cmap="gray", origin="lower")
         ax.imshow(cmap[lab], origin="lower", interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(heading, fontsize=9)
         ax.axis("off")
+    colour_names = ["blue", "orange", "green", "red"]
+    legend = ", ".join(f"{colour_names[i % 4]}: {n}" for i, n in enumerate(names))
+    fig.suptitle(f"{title}   ({legend})" if legend else title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -87,6 +94,10 @@ def loss_png(path: Path, histories: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     start = time.perf_counter()
     import torch
 
@@ -164,7 +175,7 @@ def main(argv=None) -> int:
         for method in runs:
             cols.append((f"{method} ({runs[method].steps_done} steps)", predict_slices(models[method], [img])[0]))
         png = out / f"overlay_axial_{z:03d}.png"
-        overlay_png(png, img, cols, colors)
+        overlay_png(png, img, cols, colors, names, f"axial slice {z} (not used for training)")
         shown[z] = png.name
     loss_png(out / "loss_curves.png", {m: r.history for m, r in runs.items()})
     timings["overlays"] = time.perf_counter() - t0

@@ -285,7 +285,8 @@ def finetune(
         from monai.losses import DiceCELoss
 
         loss_fn = DiceCELoss(
-            to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight, lambda_ce=config.ce_weight, batch=True
+            to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight, lambda_ce=config.ce_weight, batch=True,
+            include_background=config.dice_background,
         )
 
         def forward(feats: torch.Tensor) -> torch.Tensor:
