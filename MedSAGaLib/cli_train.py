@@ -38,7 +38,7 @@ def add_finetune_parser(subparsers) -> None:
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names: rename the label values 1..k in order, or pick segments of a .seg.nrrd by name")
     p.add_argument("--method", choices=METHODS, default=defaults.method, help="training method (default galore)")
-    p.add_argument("--base", default="litemedsam", choices=BASE_MODELS, help="base model (default litemedsam)")
+    p.add_argument("--base", default=None, choices=BASE_MODELS, help="base model (default litemedsam)")
     p.add_argument("--checkpoint", default=None, help="SAM checkpoint file for vit_b/vit_l/vit_h")
     p.add_argument("--image-size", type=int, default=None, help="model input size for vit_* (e.g. 512 as SAMed)")
     g = p.add_mutually_exclusive_group()
@@ -277,6 +277,8 @@ def run_finetune(args) -> int:
     from .volume import get_slice, normalize_with, parse_slices, parse_window, preprocessing_settings
 
     _set_threads(args.threads)
+    if args.slices is not None and args.shots is not None:
+        raise ValueError("Give --slices or --shots, not both.")
     output = Path(args.output)
     if output.is_dir():
         raise ValueError(f"Output {output} is a folder; give a model file name.")
@@ -292,7 +294,7 @@ def run_finetune(args) -> int:
     resumed_meta = None
     if args.resume:
         resumed_meta = read_metadata(args.resume)
-        if resumed_meta.get("base_model") != args.base and args.base != "litemedsam":
+        if args.base is not None and resumed_meta.get("base_model") != args.base:
             raise ModelFileError(
                 f"{args.resume} was adapted from {resumed_meta.get('base_model')}, not {args.base}; "
                 "drop --base or start from the matching base model.")
@@ -307,7 +309,7 @@ def run_finetune(args) -> int:
         segmenter = load_model(args.resume, class_names=names)
         settings = resumed_meta.get("preprocessing") if window is None else preprocessing_settings(window)
     else:
-        base = build_base_model(args.base, checkpoint=args.checkpoint, image_size=args.image_size)
+        base = build_base_model(args.base or "litemedsam", checkpoint=args.checkpoint, image_size=args.image_size)
         colors = colors if all(c is not None for c in colors) else None
         segmenter = ClassSegmenter.from_base(base, names, colors)
         settings = preprocessing_settings(window)

@@ -124,6 +124,9 @@ def test_finetune_bad_input_is_explained_and_keeps_existing_output(tmp_path, tin
               "-o", str(out), *tiny_args(tiny_vit_checkpoint)], capsys, "no label", out)
     # resume from a model of other classes (the tiny model file segments left/right)
     _refused(base + ["--resume", str(tiny_model_file), "--classes", "bright", "dim"], capsys, "segments", out)
+    resume_other_base = ["finetune", "--image", str(image), "--labels", str(labels), "--classes", "left", "right",
+                         "--resume", str(tiny_model_file), "--base", "litemedsam", "-o", str(out)]
+    _refused(resume_other_base, capsys, "adapted from vit_b", out)
 
 
 @pytest.mark.slow

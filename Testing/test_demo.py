@@ -13,8 +13,8 @@ def test_demo_writes_model_report_and_overlays(tmp_path):
     from MedSAGaLib.modelfile import read_metadata
 
     out = tmp_path / "demo"
-    assert main(["--output", str(out), "--steps", "2", "--baseline-steps", "1", "--shots", "2", "--val-slices", "2",
-                 "--segment", "none", "--threads", "2"]) == 0
+    assert main(["--output", str(out), "--steps", "2", "--baseline-steps", "1", "--shots", "2", "--val-slices", "1",
+                 "--augment-copies", "1", "--segment", "none", "--threads", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     comparison = report["comparison_on_unseen_slices"]
     assert set(comparison) == {"untrained head", "galore", "decoder"}
