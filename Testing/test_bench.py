@@ -64,7 +64,7 @@ def test_memory_reports(measured, tmp_path):
     rows = [measured["full"], measured["galore"], measured["galore-layerwise"],
             {"model": "vit_b", "image_size": 224, "method": "lora", "checkpointing": True, "error": "boom"}]
     table = memory.markdown_table(rows)
-    assert "| full |" in table and "| galore-layerwise |" in table and "error: boom" in table
+    assert "| full |" in table and "| galore-layerwise r8 |" in table and "| lora+ckpt | error: boom" in table
     assert "1.00" in table  # full against itself
     png = memory.bar_chart(rows, tmp_path / "memory.png")
     assert png.stat().st_size > 1000
@@ -139,10 +139,10 @@ def test_report_rewrites_only_the_results_section(measured, tmp_path):
                                                            seeds=1, unet_steps=0), "test_slices": [1, 2],
                                           "summary": summary, "baselines": {}, "runs": []})
     readme = tmp_path / "README.md"
-    readme.write_text("# Title\nintro\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
+    readme.write_text("# Title\nintro\n<!-- results:start -->\nSTALE-SECTION-TEXT\n<!-- results:end -->\nafter\n")
     report.run(Namespace(results=str(results), readme=str(readme), notes=None))
     text = readme.read_text()
     assert text.startswith("# Title\nintro\n<!-- results:start -->\n## Results") and text.endswith("<!-- results:end -->\nafter\n")
-    assert "old" not in text and "| galore-layerwise |" in text
+    assert "STALE-SECTION-TEXT" not in text and "| galore-layerwise r8 |" in text
     assert "galore − full = -1.0 Dice points" in text
     assert "No speed benchmark" in text

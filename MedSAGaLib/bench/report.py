@@ -80,8 +80,18 @@ def quality_section(folder: Path, rel: str) -> list[str]:
         return ["_No quality benchmark in the results folder yet: run `medsaga bench quality`._", ""]
     for path, data in files:
         if not data.get("summary"):
-            lines.append(f"_`{path.name}` is incomplete (the run was stopped before its summary)._\n")
-            continue
+            if not data.get("runs"):
+                lines.append(f"_`{path.name}` holds no finished run yet._\n")
+                continue
+            from .quality import summarize
+
+            data["summary"] = summarize(data)
+            lines.append(f"_`{path.name}` is partial: the run stopped before finishing its plan; these are the "
+                         "runs it completed._\n")
+        from .quality import plot
+
+        plot(data, path.with_suffix(".png"), path.with_name(path.stem + "_loss.png"))
+        path.with_suffix(".md").write_text(markdown(data))
         machine = data.get("machine", {})
         lines.append(f"#### `{path.name}` — CPU ({machine.get('cpu', '?')}), {data.get('seconds', 0) / 60:.0f} min\n")
         lines.append(markdown(data))
@@ -137,6 +147,10 @@ def targets_section(folder: Path) -> list[str]:
                                  f"{glw['tracker_peak'] / lora['tracker_peak']:.2f}x LoRA's | "
                                  f"{'GaLore lower' if glw['tracker_peak'] < lora['tracker_peak'] else 'LoRA lower'} |")
     for path, data in _load(folder, "quality*.json"):
+        if not data.get("summary") and data.get("runs"):
+            from .quality import summarize
+
+            data["summary"] = summarize(data)
         by = {(r["method"], r["shots"]): r for r in data.get("summary", [])}
         full = by.get(("full", 10))
         for method in ("galore-layerwise", "galore"):
