@@ -150,7 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerate_ascii_terminals() -> None:
+    # Under a C/POSIX locale stdout may be ASCII: never die on a non-ASCII character (names, bars).
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _tolerate_ascii_terminals()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -731,12 +731,16 @@ class Job:
             env["PYTHONPATH"] = os.pathsep.join([parent] + [p for p in
                                                 env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # The child's messages may hold non-ASCII text (progress bars, names); under a C/POSIX
+        # locale both sides would default to ASCII, so pin UTF-8 on both ends of the pipe.
+        env["PYTHONIOENCODING"] = "utf-8"
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
             env["MKL_NUM_THREADS"] = str(threads)
         self.started = time.time()
         self.process = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                        stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                        encoding="utf-8", errors="replace")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
