@@ -48,7 +48,13 @@ def _to_channels_last(_module, args):
 
 
 def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """An eval-mode copy of ``model`` with the speed-ups above applied where they fit."""
+    """An eval-mode copy of ``model`` with the speed-ups above applied where they fit.
+
+    A model with nothing to fold (SAM ViT) is returned as it is, in eval mode: no second copy of
+    its weights is made.
+    """
+    if not any(_is_conv_bn(m) for m in getattr(model, "image_encoder", model).modules()):
+        return model.eval()
     fast = copy.deepcopy(model).eval()
     for p in fast.parameters():
         p.requires_grad_(False)

@@ -411,16 +411,26 @@ def bar_chart(results: list[dict], path: str | Path) -> Path:
 def run_sweep(args) -> dict:
     methods = args.methods or list(METHODS)
     ckpts = (False, True) if not args.no_ckpt_variants else (False,)
+    if getattr(args, "ckpt_only", False):
+        ckpts = (True,)
     variants = [(m, c, None) for m in methods for c in ckpts]
     variants += [(m, c, r) for r in (getattr(args, "extra_ranks", None) or []) for m in methods if m.startswith("galore")
                  for c in ckpts]
     results = []
     out = Path(args.output)
+    done = set()
+    if getattr(args, "resume", False) and (out / f"{args.name}.json").exists():
+        # Keep the finished measurements of an interrupted sweep; measure only what is missing.
+        results = [r for r in json.loads((out / f"{args.name}.json").read_text()).get("results", []) if "error" not in r]
+        done = {(r["model"], r["image_size"], r["method"], r["checkpointing"], r.get("rank")) for r in results}
     for spec in args.models:
         model, size = parse_model(spec)
         for method, ckpt, rank in variants:
             if method == "decoder" and ckpt:
                 continue  # the frozen encoder runs without gradients: nothing to checkpoint
+            key_rank = (rank or args.rank) if method.startswith("galore") else None
+            if any((model, k, method, ckpt, key_rank) in done for k in (size, size or 256)):
+                continue
             t0 = time.perf_counter()
             res = run_measurement(model, size, method, ckpt, args, timeout=args.timeout, rank=rank)
             res.setdefault("model", model)
@@ -448,6 +458,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MODEL:SIZE entries (default: litemedsam:256 vit_b:512 vit_b:1024)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="default: all")
     parser.add_argument("--no-ckpt-variants", action="store_true", help="skip the activation-checkpointing variants")
+    parser.add_argument("--ckpt-only", action="store_true", help="only the activation-checkpointing variants")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished rows of NAME.json and measure only the missing configurations")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2, help="training steps per measurement (>= 2: states exist from step 1)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
