@@ -335,8 +335,10 @@ def run_finetune(args) -> int:
 
     progress = Progress(args.progress, config.steps)
     if progress.mode != "json":
-        print(f"Training on {len(train_idx)} slice(s) {_ranges(train_idx)}; validating on {len(val_idx)} "
-              f"({_ranges(val_idx) or 'none'}); classes: {', '.join(names)}; method {config.method}, "
+        scored = min(len(val_idx), config.max_val_slices or len(val_idx))
+        print(f"Training on {len(train_idx)} slice(s) {_ranges(train_idx)}; validating on {scored} of the "
+              f"{len(val_idx)} other annotated slice(s) ({_ranges(val_idx) or 'none'}), evenly spread; "
+              f"classes: {', '.join(names)}; method {config.method}, "
               f"{config.steps} steps", file=sys.stderr, flush=True)
     else:
         print(json.dumps({"event": "start", "train_slices": train_idx, "val_slices": val_idx, "classes": names,
