@@ -291,8 +291,9 @@ def plot(payload: dict, dice_path: Path, loss_path: Path) -> None:
             methods.append(r["method"])
     for m in methods:
         rows = sorted((r for r in payload["summary"] if r["method"] == m), key=lambda r: r["shots"])
+        name = f"U-Net from scratch ({payload['settings'].get('unet_steps')} steps)" if m == "unet" else m
         ax.errorbar([r["shots"] for r in rows], [r["dice_mean"] for r in rows], yerr=[r["dice_std"] for r in rows],
-                    marker="o", capsize=3, label=m)
+                    marker="o", capsize=3, label=name)
     for name, b in payload["baselines"].items():
         ax.axhline(b["dice"], linestyle="--", linewidth=1, color="gray" if name != "oracle-box" else "k",
                    label=f"{name} (zero-shot)")
@@ -302,7 +303,7 @@ def plot(payload: dict, dice_path: Path, loss_path: Path) -> None:
     ax.set_xticklabels([str(s) for s in shots])
     ax.set_xlabel("annotated training slices")
     ax.set_ylabel("mean Dice (GM, WM) on unseen slices")
-    ax.set_title(f"MNI152, {payload['settings']['steps']} steps per run")
+    ax.set_title(f"MNI152, {payload['settings']['steps']} fine-tuning steps per SAM run")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(dice_path, dpi=110)
@@ -326,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10],
                         help="training slice counts (default 1 5 10; the full sweep: 1 3 5 10 20)")
     parser.add_argument("--seeds", type=int, default=1, help="draws of training slices per count (default 1; full: 3)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(DEFAULT_METHODS),
+                        help="methods of the Dice sweep (none: only the baselines and loss curves)")
     parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps per run (default 40; full: 200)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)

@@ -81,7 +81,19 @@ def quality_section(folder: Path, rel: str) -> list[str]:
     for path, data in files:
         if not data.get("summary"):
             if not data.get("runs"):
-                lines.append(f"_`{path.name}` holds no finished run yet._\n")
+                curves = data.get("loss_curves") or {}
+                if curves:
+                    from .quality import plot
+
+                    plot(data, path.with_suffix(".png"), path.with_name(path.stem + "_loss.png"))
+                    first = next(iter(curves.values()))
+                    finals = ", ".join(f"{k}: final loss {c['losses'][-1]:.3f}" for k, c in curves.items() if c["losses"])
+                    lines.append(f"#### `{path.name}` — loss curves, {first['method']}, {first['shots']} shot(s), "
+                                 f"lr {first['lr']:g}\n")
+                    lines.append(f"{finals}.\n")
+                    lines.append(f"![loss curves with and without warm-up]({rel}/{path.stem}_loss.png)\n")
+                else:
+                    lines.append(f"_`{path.name}` holds no finished run yet._\n")
                 continue
             from .quality import summarize
 
@@ -95,7 +107,8 @@ def quality_section(folder: Path, rel: str) -> list[str]:
         machine = data.get("machine", {})
         lines.append(f"#### `{path.name}` — CPU ({machine.get('cpu', '?')}), {data.get('seconds', 0) / 60:.0f} min\n")
         lines.append(markdown(data))
-        for suffix, alt in (("", "Dice versus training slices"), ("_loss", "loss curves with and without warm-up")):
+        loss_alt = "loss curves with and without warm-up" if data.get("loss_curves") else "training loss of each run"
+        for suffix, alt in (("", "Dice versus training slices"), ("_loss", loss_alt)):
             png = path.with_name(path.stem + suffix + ".png")
             if png.exists():
                 lines.append(f"![{alt}]({rel}/{png.name})\n")
@@ -161,6 +174,9 @@ def targets_section(folder: Path) -> list[str]:
                              f"{data['settings']['steps']} steps) | {100 * r['dice_mean']:.1f} vs {100 * full['dice_mean']:.1f} "
                              f"| {'met' if gap <= 2 else 'missed'} |")
                 break
+    if not any("Dice within 2 points" in line for line in lines):
+        lines.append("| galore-layerwise Dice within 2 points of full at 10 shots | no 10-shot run finished on this "
+                     "shared CPU | missing |")
     for path, data in _load(folder, "speed*.json"):
         fast = [r for r in data.get("inference", []) if r["model"] == "litemedsam" and r["path"] == "fast"]
         plain = [r for r in data.get("inference", []) if r["model"] == "litemedsam" and r["path"] == "plain"]
