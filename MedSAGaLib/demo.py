@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         with_signal = [z for z in range(array.shape[axis]) if sl(array, z).max() > sl(array, z).min()]
         log(f"segmenting the volume with the {args.method} model: {len(with_signal)} slices with signal "
             f"(of {array.shape[axis]}; slices without any signal stay empty)")
-        predicted = segment_volume(main_model, array01, axis, with_signal, batch_size=4, device=args.device)
+        predicted = segment_volume(main_model, array01, axis, with_signal, device=args.device)
         seg_path = write_seg_nrrd(out / "mni152_tissue.seg.nrrd", predicted, image, names, colors)
         timings["segment_volume"] = time.perf_counter() - t0
         log(f"wrote {seg_path}")
