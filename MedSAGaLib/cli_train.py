@@ -78,7 +78,7 @@ def add_evaluate_parser(subparsers) -> None:
         description="Segment the annotated slices (or --slices) with a model and compare with reference labels.")
     _common(p)
     p.add_argument("--model", required=True, help="adapted model file")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 1 on a CPU, 8 on a GPU)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run_evaluate)
 

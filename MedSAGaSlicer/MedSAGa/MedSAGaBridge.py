@@ -952,7 +952,7 @@ def segment_in_process(volume_node, segmenter, axis, slices=None, device="cpu", 
     from MedSAGaLib.inference import segment_volume
     meta = getattr(segmenter, "metadata", {}) or {}
     array01 = normalized_array(volume_node, meta.get("preprocessing"))
-    return segment_volume(segmenter, array01, axis, slices, 4, device, progress)
+    return segment_volume(segmenter, array01, axis, slices, None, device, progress)
 
 
 def box_predictor(volume_node, base, device="cpu"):
