@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import Architecture, BaseSam, _mask_decoder
+from .models import Architecture, BaseSam, SamParts, _mask_decoder
 
 # A colour per class, as Slicer's generic anatomy colours cycle (r, g, b in 0..1).
 DEFAULT_COLORS = [
@@ -70,7 +70,7 @@ def class_decoder_from_pretrained(pretrained: nn.Module, num_classes: int, seed:
     return decoder
 
 
-class ClassSegmenter(nn.Module):
+class ClassSegmenter(SamParts):
     """SAM adapted to k classes without prompts: images in [0, 1] -> k+1 logits per pixel."""
 
     def __init__(
@@ -84,7 +84,11 @@ class ClassSegmenter(nn.Module):
         pixel_mean: Optional[torch.Tensor] = None,
         pixel_std: Optional[torch.Tensor] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            architecture,
+            pixel_mean if pixel_mean is not None else (0.0, 0.0, 0.0),
+            pixel_std if pixel_std is not None else (1.0, 1.0, 1.0),
+        )
         if mask_decoder.num_mask_tokens != len(class_names) + 1:
             raise ValueError(
                 f"The decoder has {mask_decoder.num_mask_tokens - 1} class slots but "
@@ -93,15 +97,10 @@ class ClassSegmenter(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
-        self.architecture = architecture
         self.class_names = list(class_names)
         self.class_colors = [tuple(float(x) for x in c) for c in (class_colors or default_colors(len(class_names)))]
         if len(self.class_colors) != len(self.class_names):
             raise ValueError("Give one colour per class.")
-        mean = pixel_mean if pixel_mean is not None else torch.zeros(1, 3, 1, 1)
-        std = pixel_std if pixel_std is not None else torch.ones(1, 3, 1, 1)
-        self.register_buffer("pixel_mean", mean.clone().view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", std.clone().view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_base(
@@ -127,16 +126,8 @@ class ClassSegmenter(nn.Module):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @property
-    def image_size(self) -> int:
-        return self.architecture.image_size
-
-    @property
-    def base_name(self) -> str:
-        return self.architecture.base
-
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
-        return self.image_encoder((images01 - self.pixel_mean) / self.pixel_std)
+        return self.image_encoder(self.normalize(images01))
 
     def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Image embeddings -> k+1 logits at the model's input size."""

@@ -55,7 +55,31 @@ class Architecture:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-class BaseSam(nn.Module):
+class SamParts(nn.Module):
+    """What base models and k-class heads share: the architecture and the encoder's pixel normalisation."""
+
+    def __init__(self, architecture: Architecture, pixel_mean, pixel_std) -> None:
+        super().__init__()
+        self.architecture = architecture
+        mean = torch.as_tensor(pixel_mean, dtype=torch.float32).clone().view(1, 3, 1, 1)
+        std = torch.as_tensor(pixel_std, dtype=torch.float32).clone().view(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    @property
+    def base_name(self) -> str:
+        return self.architecture.base
+
+    @property
+    def image_size(self) -> int:
+        return self.architecture.image_size
+
+    def normalize(self, images01: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> what the encoder was trained on (SAM: 0-255 with ImageNet statistics)."""
+        return (images01 - self.pixel_mean) / self.pixel_std
+
+
+class BaseSam(SamParts):
     """SAM's three parts and the pixel normalisation of its encoder. Inputs are images in [0, 1]."""
 
     def __init__(
@@ -67,25 +91,14 @@ class BaseSam(nn.Module):
         pixel_mean: tuple = (0.0, 0.0, 0.0),
         pixel_std: tuple = (1.0, 1.0, 1.0),
     ) -> None:
-        super().__init__()
+        super().__init__(architecture, pixel_mean, pixel_std)
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
-        self.architecture = architecture
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def name(self) -> str:
-        return self.architecture.base
-
-    @property
-    def image_size(self) -> int:
-        return self.architecture.image_size
-
-    def normalize(self, images01: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images -> what the encoder was trained on (SAM: 0-255 with ImageNet statistics)."""
-        return (images01 - self.pixel_mean) / self.pixel_std
+        return self.base_name
 
 
 def _mask_decoder(num_multimask_outputs: int = 3) -> nn.Module:
