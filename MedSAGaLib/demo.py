@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "processor": platform.processor() or platform.machine()},
     }
-    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2), encoding="utf-8")
     lines = [f"{'model':<18} {'GM':>6} {'WM':>6} {'mean':>6}"]
     for name, row in comparison.items():
         d = row["val_dice"]

@@ -139,9 +139,9 @@ def test_report_rewrites_only_the_results_section(measured, tmp_path):
                                                            seeds=1, unet_steps=0), "test_slices": [1, 2],
                                           "summary": summary, "baselines": {}, "runs": []})
     readme = tmp_path / "README.md"
-    readme.write_text("# Title\nintro\n<!-- results:start -->\nSTALE-SECTION-TEXT\n<!-- results:end -->\nafter\n")
+    readme.write_text("# Title\nintro\n<!-- results:start -->\nSTALE-SECTION-TEXT\n<!-- results:end -->\nafter\n", encoding="utf-8")
     report.run(Namespace(results=str(results), readme=str(readme), notes=None))
-    text = readme.read_text()
+    text = readme.read_text(encoding="utf-8")
     assert text.startswith("# Title\nintro\n<!-- results:start -->\n## Results") and text.endswith("<!-- results:end -->\nafter\n")
     assert "STALE-SECTION-TEXT" not in text and "| galore-layerwise r8 |" in text
     assert "galore − full = -1.0 Dice points" in text

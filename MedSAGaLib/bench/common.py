@@ -82,8 +82,10 @@ def run_worker(module: str, args: list[str], timeout: Optional[float] = None, en
     full_env.update(env or {})
     root = str(Path(__file__).resolve().parents[2])
     full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env["PYTHONIOENCODING"] = "utf-8"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                              timeout=timeout, env=full_env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s", "command": cmd}
     for line in reversed(proc.stdout.splitlines()):
@@ -97,7 +99,7 @@ def write_json(path: str | Path, payload) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
 

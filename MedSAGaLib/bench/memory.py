@@ -421,7 +421,7 @@ def run_sweep(args) -> dict:
     done = set()
     if getattr(args, "resume", False) and (out / f"{args.name}.json").exists():
         # Keep the finished measurements of an interrupted sweep; measure only what is missing.
-        results = [r for r in json.loads((out / f"{args.name}.json").read_text()).get("results", []) if "error" not in r]
+        results = [r for r in json.loads((out / f"{args.name}.json").read_text(encoding="utf-8")).get("results", []) if "error" not in r]
         done = {(r["model"], r["image_size"], r["method"], r["checkpointing"], r.get("rank")) for r in results}
     for spec in args.models:
         model, size = parse_model(spec)
@@ -443,7 +443,7 @@ def run_sweep(args) -> dict:
                   flush=True)
             payload = {"benchmark": "memory", "settings": _settings(args), "results": results}
             write_json(out / f"{args.name}.json", payload)
-    (out / f"{args.name}.md").write_text(markdown_table(results))
+    (out / f"{args.name}.md").write_text(markdown_table(results), encoding="utf-8")
     bar_chart(results, out / f"{args.name}.png")
     return payload
 

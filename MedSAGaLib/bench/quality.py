@@ -236,7 +236,7 @@ def run(args) -> dict:
             save()
     payload["summary"] = summarize(payload)
     save()
-    (out_dir / f"{args.name}.md").write_text(markdown(payload))
+    (out_dir / f"{args.name}.md").write_text(markdown(payload), encoding="utf-8")
     plot(payload, out_dir / f"{args.name}.png", out_dir / f"{args.name}_loss.png")
     return payload
 

@@ -23,7 +23,7 @@ def _load(folder: Path, pattern: str) -> list[tuple[Path, dict]]:
     out = []
     for path in sorted(folder.glob(pattern)):
         try:
-            out.append((path, json.loads(path.read_text())))
+            out.append((path, json.loads(path.read_text(encoding="utf-8"))))
         except (OSError, json.JSONDecodeError):
             continue
     return out
@@ -51,7 +51,7 @@ def memory_section(folder: Path, rel: str) -> list[str]:
         lines.append(markdown_table(results))
         png = path.with_suffix(".png")
         if ok:
-            path.with_suffix(".md").write_text(markdown_table(results))
+            path.with_suffix(".md").write_text(markdown_table(results), encoding="utf-8")
             bar_chart(results, png)
         if png.exists():
             lines.append(f"![training memory per method]({rel}/{png.name})\n")
@@ -103,7 +103,7 @@ def quality_section(folder: Path, rel: str) -> list[str]:
         from .quality import plot
 
         plot(data, path.with_suffix(".png"), path.with_name(path.stem + "_loss.png"))
-        path.with_suffix(".md").write_text(markdown(data))
+        path.with_suffix(".md").write_text(markdown(data), encoding="utf-8")
         machine = data.get("machine", {})
         lines.append(f"#### `{path.name}` — CPU ({machine.get('cpu', '?')}), {data.get('seconds', 0) / 60:.0f} min\n")
         lines.append(markdown(data))
@@ -209,12 +209,12 @@ def render(folder: Path, rel: str, notes: str = "") -> str:
 
 
 def write_readme(readme: Path, section: str) -> Path:
-    text = readme.read_text() if readme.exists() else f"{START}\n{END}\n"
+    text = readme.read_text(encoding="utf-8") if readme.exists() else f"{START}\n{END}\n"
     if START not in text or END not in text:
         text = text.rstrip() + f"\n\n{START}\n{END}\n"
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{section}{END}{tail}")
+    readme.write_text(f"{head}{START}\n{section}{END}{tail}", encoding="utf-8")
     return readme
 
 
@@ -231,9 +231,9 @@ def run(args) -> Path:
         rel = str(folder.resolve().relative_to(readme.resolve().parent))
     except ValueError:
         rel = str(folder)
-    notes = Path(args.notes).read_text() if args.notes else ""
+    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
     if not notes and (folder / "NOTES.md").exists():
-        notes = (folder / "NOTES.md").read_text()
+        notes = (folder / "NOTES.md").read_text(encoding="utf-8")
     return write_readme(readme, render(folder, rel, notes))
 
 

@@ -160,7 +160,7 @@ def run(args) -> dict:
         payload["training"] = bench_training(args.train_model, None, args.methods, args.train_steps, args.train_batch_size,
                                              args.train_stages, peak)
     write_json(out / f"{args.name}.json", payload)
-    (out / f"{args.name}.md").write_text(markdown(payload))
+    (out / f"{args.name}.md").write_text(markdown(payload), encoding="utf-8")
     return payload
 
 
