@@ -138,16 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_segment_parser(subparsers)
     add_info_parser(subparsers)
-    for module, names in (("cli_train", ("add_finetune_parser", "add_evaluate_parser")), ("bench.cli", ("add_bench_parser",))):
-        try:
-            imported = __import__(f"{__package__}.{module}", fromlist=list(names))
-        except ModuleNotFoundError as exc:  # optional parts still being built
-            if exc.name and exc.name.startswith(__package__):
-                continue
-            raise
-        for name in names:
-            if hasattr(imported, name):
-                getattr(imported, name)(subparsers)
+    from .bench.cli import add_bench_parser
+    from .cli_train import add_evaluate_parser, add_finetune_parser
+
+    add_finetune_parser(subparsers)
+    add_evaluate_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 
