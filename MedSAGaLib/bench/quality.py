@@ -324,19 +324,23 @@ def plot(payload: dict, dice_path: Path, loss_path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..training import FinetuneConfig
+
+    trainer = FinetuneConfig()  # the same recipe `medsaga finetune` uses, unless overridden here
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10],
                         help="training slice counts (default 1 5 10; the full sweep: 1 3 5 10 20)")
     parser.add_argument("--seeds", type=int, default=1, help="draws of training slices per count (default 1; full: 3)")
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(DEFAULT_METHODS),
                         help="methods of the Dice sweep (none: only the baselines and loss curves)")
-    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps per run (default 40; full: 200)")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=trainer.steps,
+                        help=f"fine-tuning steps per run (default {trainer.steps}, as finetune; full sweep: 200)")
+    parser.add_argument("--batch-size", type=int, default=trainer.batch_size)
+    parser.add_argument("--lr", type=float, default=trainer.lr, help=f"learning rate (default {trainer.lr}, as finetune)")
+    parser.add_argument("--warmup", type=int, default=trainer.warmup)
     parser.add_argument("--train-stages", type=int, default=1,
                         help="encoder stages trained by the encoder methods (default 1 = last TinyViT stage; "
                              "the trainer's own default is 3)")
-    parser.add_argument("--rank", type=int, default=64, help="GaLore rank")
+    parser.add_argument("--rank", type=int, default=trainer.rank, help=f"GaLore rank (default {trainer.rank}, as finetune)")
     parser.add_argument("--test-slices", type=int, default=8)
     parser.add_argument("--unet-steps", type=int, default=200, help="U-Net steps (0 skips the U-Net)")
     parser.add_argument("--no-oracle", action="store_true", help="skip the zero-shot baselines")
