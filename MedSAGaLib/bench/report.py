@@ -175,7 +175,7 @@ def targets_section(folder: Path) -> list[str]:
             if full and r:
                 gap = 100 * (full["dice_mean"] - r["dice_mean"])
                 lines.append(f"| {method} Dice within 2 points of full at 10 shots (`{path.name}`, "
-                             f"{data['settings']['steps']} steps) | {100 * r['dice_mean']:.1f} vs {100 * full['dice_mean']:.1f} "
+                             f"{data['settings']['steps']} steps, lr {data['settings'].get('lr')}) | {100 * r['dice_mean']:.1f} vs {100 * full['dice_mean']:.1f} "
                              f"| {'met' if gap <= 2 else 'missed'} |")
                 break
     if not any("Dice within 2 points" in line for line in lines):
