@@ -288,16 +288,3 @@ def build_base_model(
             image_size = image_size or architecture.get("image_size")
         return build_sam_vit(name, checkpoint if pretrained else None, image_size, spec)
     raise ModelError(f"Unknown base model {name!r}; expected one of {', '.join(BASE_MODELS)}.")
-
-
-def encoder_stages(encoder: nn.Module) -> list[nn.Module]:
-    """The encoder's sequential stages, in order (TinyViT: its 4 layers; ViT: its blocks)."""
-    if hasattr(encoder, "layers"):
-        return list(encoder.layers)
-    if hasattr(encoder, "blocks"):
-        return list(encoder.blocks)
-    raise ModelError(f"Unknown encoder type {type(encoder).__name__}.")
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

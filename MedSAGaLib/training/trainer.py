@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..inference import resolve_device
 from .config import FinetuneConfig, TrainingError
 from .data import BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, select_validation
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
@@ -68,15 +69,6 @@ class FinetuneResult:
             "final_loss": None if math.isnan(self.final_loss) else round(self.final_loss, 5),
             "config": cfg,
         }
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"Device {name!r} was asked for but CUDA is not available here.")
-    return device
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -155,7 +147,7 @@ def finetune(
     val_labels = list(val_labels or [])
     if len(val_images) != len(val_labels):
         raise TrainingError("Give one label slice per validation image slice.")
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     amp_dtype = _autocast_dtype(config.precision, device)
     if amp_dtype is not None and config.method == "galore-layerwise" and amp_dtype == torch.float16:
         amp_dtype = torch.bfloat16  # a gradient scaler cannot unscale inside per-parameter hooks
