@@ -125,6 +125,37 @@ def test_bench_command_line():
     assert memory.parse_model("litemedsam") == ("litemedsam", None)
 
 
+def test_quality_keeps_rate_choice_apart_from_scoring():
+    """Validation slices (rate search) are never test slices, and no training slice is next to either."""
+    from MedSAGaLib.bench import quality
+
+    _, labels, axis, _, test, val, candidates = quality.load_task(test_slices=8, val_slices=6)
+    assert len(test) == 8 and len(val) == 6 and not set(test) & set(val)
+    assert min(abs(c - h) for c in candidates for h in test + val) > 2
+    for seed in range(3):
+        draw = quality.draw_training(candidates, 20, seed)
+        assert len(draw) == 20 and set(draw) <= set(candidates)
+    assert quality.parse_method_lrs(["full=3e-4", "lora=0.01"]) == {"full": 3e-4, "lora": 0.01}
+    for bad in (["full"], ["unet=1e-3"], ["full=fast"], ["full=0"]):
+        with pytest.raises(SystemExit, match="--method-lr"):
+            quality.parse_method_lrs(bad)
+
+
+def test_quality_table_names_each_methods_rate():
+    from MedSAGaLib.bench import quality
+
+    runs = [dict(method=m, shots=n, seed=k, lr=lr, dice=d + 0.01 * k, hd95_mm=5.0, seconds_per_step=1.0)
+            for m, lr, d in (("full", 3e-4, 0.80), ("galore-layerwise", 3e-3, 0.79)) for n in (1, 10) for k in (0, 1)]
+    payload = dict(settings=dict(steps=60, batch_size=2, lr=2e-3, warmup=10, train_stages=1, rank=32, seeds=2,
+                                 unet_steps=0), test_slices=[1, 2], validation_slices=[5, 9], runs=runs, baselines={},
+                   lr_search=[dict(method="full", lr=lr, shots=10, val_dice=v) for lr, v in ((3e-4, 0.7), (3e-3, float("nan")))],
+                   lr_by_method={"full": 3e-4, "galore-layerwise": 3e-3})
+    payload["summary"] = quality.summarize(payload)
+    text = quality.markdown(payload)
+    assert "each method at its own lr" in text and "| full | 0.700 | diverged | 0.0003 |" in text
+    assert "| full | 0.0003 | 0.805 ± 0.005 (5.0) | 0.805 ± 0.005 (5.0) |" in text
+
+
 def test_report_rewrites_only_the_results_section(measured, tmp_path):
     from argparse import Namespace
 

@@ -12,6 +12,10 @@ validation: the last weights are scored). Baselines on the same test slices:
 - ``unet``: a MONAI 2-D U-Net trained from scratch on the same training slices (the classical
   supervised baseline), same augmentation, same input size.
 
+Learning rates: one rate for all methods (``--lr``), fixed rates per method (``--method-lr``), or
+each method's best rate from one shared grid (``--tune-lr``), judged by Dice on validation slices
+that are neither trained on nor scored.
+
 Loss curves with and without warm-up are recorded for one method at one shot count.
 """
 
@@ -37,8 +41,12 @@ def log(message: str) -> None:
     print(f"[bench quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def load_task(test_slices: int = 8):
-    """(array01 z,y,x, labels, axis, spacing2d, test indices, candidate training indices)."""
+def load_task(test_slices: int = 8, val_slices: int = 0):
+    """(array01 z,y,x, labels, axis, spacing2d, test indices, validation indices, candidate training indices).
+
+    Validation slices (for choosing each method's learning rate) sit between the test slices and,
+    like them, are never trained on, so the rate is never chosen on the slices that are scored.
+    """
     import SimpleITK as sitk
 
     from ..cli_train import evenly_spread
@@ -56,11 +64,13 @@ def load_task(test_slices: int = 8):
     rich = [z for z in annotated_slices(labels, axis)
             if min(int((take(labels, z) == c).sum()) for c in (1, 2)) >= 200]
     test = evenly_spread(rich, test_slices)
-    # Keep training slices at least 2 slices away from any test slice (neighbours are near-copies).
-    candidates = [z for z in rich if min(abs(z - t) for t in test) > 2]
+    # Neighbouring slices are near-copies: keep held-out slices more than 2 slices apart from training.
+    far = lambda z, held: min((abs(z - h) for h in held), default=99) > 2  # noqa: E731
+    val = evenly_spread([z for z in rich if far(z, test)], val_slices) if val_slices else []
+    candidates = [z for z in rich if far(z, test) and far(z, val)]
     spacing_zyx = list(image.GetSpacing())[::-1]
     spacing2d = [s for a, s in enumerate(spacing_zyx) if a != axis]
-    return array01, labels, axis, spacing2d, test, candidates
+    return array01, labels, axis, spacing2d, test, val, candidates
 
 
 def draw_training(candidates: list[int], shots: int, seed: int) -> list[int]:
@@ -138,6 +148,23 @@ def predict_unet(net, slices01: list[np.ndarray], image_size: int) -> np.ndarray
     return np.stack(out)
 
 
+def parse_method_lrs(entries: list[str]) -> dict[str, float]:
+    """``["full=3e-4", "lora=1e-2"]`` -> ``{"full": 3e-4, "lora": 1e-2}`` (a clear error for anything else)."""
+    out = {}
+    for entry in entries or []:
+        method, sep, value = entry.partition("=")
+        if not sep or method not in METHODS:
+            raise SystemExit(f"--method-lr wants METHOD=RATE with METHOD one of {', '.join(METHODS)}; got {entry!r}.")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise SystemExit(f"--method-lr {entry!r}: {value!r} is not a number.") from None
+        if not rate > 0:
+            raise SystemExit(f"--method-lr {entry!r}: the rate must be positive.")
+        out[method] = rate
+    return out
+
+
 def run(args) -> dict:
     from ..data import TISSUE_CLASSES
     from ..head import ClassSegmenter
@@ -148,29 +175,46 @@ def run(args) -> dict:
     set_threads(args.threads)
     started = time.perf_counter()
     names = list(TISSUE_CLASSES)
-    array01, labels, axis, spacing2d, test, candidates = load_task(args.test_slices)
+    tune_grid = sorted(set(args.tune_lr or []))
+    array01, labels, axis, spacing2d, test, val, candidates = load_task(args.test_slices,
+                                                                         args.val_slices if tune_grid else 0)
     take = lambda vol, z: np.take(vol, z, axis=axis)  # noqa: E731
     test_images = [take(array01, z) for z in test]
     test_ref = np.stack([take(labels, z) for z in test])
-    log(f"test slices {test}; {len(candidates)} candidate training slices; shots {args.shots}; seeds {args.seeds}")
+    log(f"test slices {test}; validation slices {val}; {len(candidates)} candidate training slices; "
+        f"shots {args.shots}; seeds {args.seeds}")
     out_dir = Path(args.output)
+    json_path = out_dir / f"{args.name}.json"
+    settings = {k: getattr(args, k) for k in ("shots", "seeds", "methods", "steps", "batch_size", "lr", "warmup",
+                                              "train_stages", "rank", "test_slices", "unet_steps", "unet_lr", "threads")}
+    settings.update(tune_lr=tune_grid, tune_shots=args.tune_shots, val_slices=len(val))
     payload = {
         "benchmark": "quality",
         "task": "MNI152 2009 T1 template, grey/white matter, axial slices (nilearn)",
-        "settings": {k: getattr(args, k) for k in ("shots", "seeds", "methods", "steps", "batch_size", "lr", "warmup",
-                                                   "train_stages", "rank", "test_slices", "unet_steps", "threads")},
+        "settings": settings,
         "test_slices": test,
+        "validation_slices": val,
         "machine": machine_info("cpu"),
         "runs": [],
         "baselines": {},
         "loss_curves": {},
+        "lr_search": [],
+        "lr_by_method": {},
     }
+    if args.resume and json_path.exists():
+        old = json.loads(json_path.read_text(encoding="utf-8"))
+        if old.get("test_slices") != test or old.get("validation_slices", []) != val:
+            raise SystemExit(f"--resume: {json_path} was made with other test/validation slices; use another --name.")
+        for key in ("runs", "baselines", "loss_curves", "lr_search"):
+            payload[key] = old.get(key) or payload[key]
+        started -= old.get("seconds", 0.0)
+        log(f"resuming {json_path}: {len(payload['runs'])} runs, {len(payload['lr_search'])} rate trials kept")
 
     def save():
         payload["seconds"] = time.perf_counter() - started
-        write_json(out_dir / f"{args.name}.json", payload)
+        write_json(json_path, payload)
 
-    if not args.no_oracle:
+    if not args.no_oracle and "oracle-box" not in payload["baselines"]:
         t0 = time.perf_counter()
         base = build_base_model("litemedsam")
         pred = segment_with_boxes(base, array01, labels, axis, test, label_values=[1, 2], progress=False)
@@ -183,34 +227,80 @@ def run(args) -> dict:
         save()
 
     caches: dict = {}  # frozen-prefix features per training draw, shared by the methods (and curves)
-    for shots in args.shots:
-        for seed in range(args.seeds):
-            train_idx = draw_training(candidates, shots, seed)
-            images = [take(array01, z) for z in train_idx]
-            labs = [take(labels, z) for z in train_idx]
-            cache = caches.setdefault((shots, seed), {})
-            for method in args.methods:
+
+    def draw(shots: int, seed: int):
+        train_idx = draw_training(candidates, shots, seed)
+        return (train_idx, [take(array01, z) for z in train_idx], [take(labels, z) for z in train_idx],
+                caches.setdefault((shots, seed), {}))
+
+    def train(method: str, lr: float, images, labs, cache, seed: int, warmup: int):
+        segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
+        config = FinetuneConfig(method=method, steps=args.steps, batch_size=args.batch_size, lr=lr,
+                                warmup=min(warmup, args.steps - 1), rank=args.rank, seed=seed,
+                                train_stages=None if method == "decoder" else args.train_stages)
+        return segmenter, finetune(segmenter, images, labs, config, feature_cache=cache)
+
+    # Each method's learning rate: chosen on the validation slices (never on the test slices) from one
+    # grid shared by all methods, so no method is judged at a rate that suits only another.
+    fixed = parse_method_lrs(args.method_lr)
+    lr_by_method = {m: fixed.get(m, args.lr) for m in args.methods}
+    if tune_grid:
+        val_images = [take(array01, z) for z in val]
+        val_ref = np.stack([take(labels, z) for z in val])
+        train_idx, images, labs, cache = draw(args.tune_shots, 0)
+        for method in args.methods:
+            if method in fixed:
+                continue
+            for lr in tune_grid:
+                if any(t["method"] == method and t["lr"] == lr for t in payload["lr_search"]):
+                    continue
                 t0 = time.perf_counter()
-                segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
-                config = FinetuneConfig(method=method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                        warmup=min(args.warmup, args.steps - 1), rank=args.rank, seed=seed,
-                                        train_stages=None if method == "decoder" else args.train_stages)
-                result = finetune(segmenter, images, labs, config, feature_cache=cache)
+                try:
+                    segmenter, _ = train(method, lr, images, labs, cache, 0, args.warmup)
+                    s = score(predict(segmenter, val_images), val_ref, spacing2d, names)
+                except Exception as error:  # a diverging rate is a result of the search, not a crash
+                    s = dict(dice=float("nan"), hd95_mm=float("nan"), error=str(error))
+                payload["lr_search"].append(dict(method=method, lr=lr, shots=args.tune_shots, seed=0,
+                                                 train_slices=train_idx, val_dice=s["dice"], val_hd95_mm=s["hd95_mm"],
+                                                 seconds=time.perf_counter() - t0))
+                log(f"rate search {method:16s} lr {lr:g}: validation Dice {s['dice']:.3f}")
+                save()
+            trials = [t for t in payload["lr_search"] if t["method"] == method and t["lr"] in tune_grid
+                      and math.isfinite(t["val_dice"])]
+            if trials:
+                lr_by_method[method] = max(trials, key=lambda t: t["val_dice"])["lr"]
+    payload["lr_by_method"] = lr_by_method
+    if tune_grid:
+        log("rates chosen on the validation slices: " + ", ".join(f"{m} {v:g}" for m, v in lr_by_method.items()))
+    save()
+
+    def done(method: str, shots: int, seed: int) -> bool:
+        return any((r["method"], r["shots"], r["seed"]) == (method, shots, seed) for r in payload["runs"])
+
+    # Seeds outermost: a sweep cut short still has whole Dice-versus-shots curves for its first seeds.
+    for seed in range(args.seeds):
+        for shots in args.shots:
+            train_idx, images, labs, cache = draw(shots, seed)
+            for method in args.methods:
+                if done(method, shots, seed):
+                    continue
+                t0 = time.perf_counter()
+                segmenter, result = train(method, lr_by_method[method], images, labs, cache, seed, args.warmup)
                 s = score(predict(segmenter, test_images), test_ref, spacing2d, names)
-                row = dict(method=method, shots=shots, seed=seed, train_slices=train_idx, steps=result.steps_done,
-                           seconds_per_step=result.seconds_per_step, total_seconds=time.perf_counter() - t0,
-                           final_loss=result.final_loss, trainable_parameters=result.trainable_parameters,
-                           train_stages=result.train_stages,
+                row = dict(method=method, shots=shots, seed=seed, lr=lr_by_method[method], train_slices=train_idx,
+                           steps=result.steps_done, seconds_per_step=result.seconds_per_step,
+                           total_seconds=time.perf_counter() - t0, final_loss=result.final_loss,
+                           trainable_parameters=result.trainable_parameters, train_stages=result.train_stages,
                            losses=[h["loss"] for h in result.history if "loss" in h], **s)
                 payload["runs"].append(row)
                 log(f"{method:16s} shots {shots:2d} seed {seed}: Dice {s['dice']:.3f} HD95 {s['hd95_mm']:.1f} mm "
                     f"({result.seconds_per_step:.2f} s/step, {row['total_seconds']:.0f} s)")
                 save()
-            if args.unet_steps > 0:
+            if args.unet_steps > 0 and not done("unet", shots, seed):
                 t0 = time.perf_counter()
-                net, losses = train_unet(images, labs, len(names), args.unet_steps, 256, seed)
+                net, losses = train_unet(images, labs, len(names), args.unet_steps, 256, seed, lr=args.unet_lr)
                 s = score(predict_unet(net, test_images, 256), test_ref, spacing2d, names)
-                payload["runs"].append(dict(method="unet", shots=shots, seed=seed, train_slices=train_idx,
+                payload["runs"].append(dict(method="unet", shots=shots, seed=seed, lr=args.unet_lr, train_slices=train_idx,
                                             steps=args.unet_steps, total_seconds=time.perf_counter() - t0,
                                             final_loss=losses[-1], losses=losses, **s))
                 log(f"{'unet (scratch)':16s} shots {shots:2d} seed {seed}: Dice {s['dice']:.3f} HD95 {s['hd95_mm']:.1f} mm "
@@ -218,21 +308,23 @@ def run(args) -> dict:
                 save()
 
     if args.warmup_curve_method:
-        shots = args.warmup_curve_shots
-        train_idx = draw_training(candidates, shots, 0)
-        images = [take(array01, z) for z in train_idx]
-        labs = [take(labels, z) for z in train_idx]
-        cache = caches.setdefault((shots, 0), {})
+        method = args.warmup_curve_method
+        _, images, labs, cache = draw(args.warmup_curve_shots, 0)
+        base_lr = lr_by_method.get(method, fixed.get(method, args.lr))
         for warm in (args.warmup, 0):
-            segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
-            config = FinetuneConfig(method=args.warmup_curve_method, steps=args.steps, batch_size=args.batch_size,
-                                    lr=args.lr * args.warmup_curve_lr_factor, warmup=min(warm, args.steps - 1),
-                                    rank=args.rank, train_stages=args.train_stages)
-            result = finetune(segmenter, images, labs, config, feature_cache=cache)
             key = f"warmup {warm}"
-            payload["loss_curves"][key] = dict(method=args.warmup_curve_method, shots=shots,
-                                               lr=config.lr, losses=[h["loss"] for h in result.history if "loss" in h])
-            log(f"loss curve ({key}, lr {config.lr:g}): final loss {result.final_loss:.3f}")
+            if key in payload["loss_curves"]:
+                continue
+            lr = base_lr * args.warmup_curve_lr_factor
+            try:
+                _, result = train(method, lr, images, labs, cache, 0, warm)
+                losses = [h["loss"] for h in result.history if "loss" in h]
+            except Exception as error:  # without warm-up a high rate may diverge: that is the curve's point
+                losses, result = [], None
+                log(f"loss curve ({key}, lr {lr:g}) stopped: {error}")
+            payload["loss_curves"][key] = dict(method=method, shots=args.warmup_curve_shots, lr=lr, losses=losses)
+            if result is not None:
+                log(f"loss curve ({key}, lr {lr:g}): final loss {result.final_loss:.3f}")
             save()
     payload["summary"] = summarize(payload)
     save()
@@ -248,7 +340,7 @@ def summarize(payload: dict) -> list[dict]:
         runs = [r for r in payload["runs"] if r["method"] == method and r["shots"] == shots]
         dice = np.array([r["dice"] for r in runs], dtype=float)
         hd = np.array([r["hd95_mm"] for r in runs], dtype=float)
-        rows.append(dict(method=method, shots=shots, seeds=len(runs), dice_mean=float(np.nanmean(dice)),
+        rows.append(dict(method=method, shots=shots, seeds=len(runs), lr=runs[0].get("lr"), dice_mean=float(np.nanmean(dice)),
                          dice_std=float(np.nanstd(dice)), hd95_mean=float(np.nanmean(hd)), hd95_std=float(np.nanstd(hd)),
                          seconds_per_step=float(np.mean([r.get("seconds_per_step", float("nan")) for r in runs]))))
     return rows
@@ -256,25 +348,44 @@ def summarize(payload: dict) -> list[dict]:
 
 def markdown(payload: dict) -> str:
     s = payload["settings"]
+    by_method = payload.get("lr_by_method") or {}
+    rate = "each method at its own lr (column `lr`)" if len(set(by_method.values())) > 1 else f"lr {s['lr']}"
+    unet = f"U-Net {s['unet_steps']} steps" + (f" at lr {s['unet_lr']:g}" if s.get("unet_lr") and s["unet_steps"] else "")
     lines = [f"MNI152 grey/white matter, {len(payload['test_slices'])} unseen axial test slices; "
-             f"{s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}, warm-up {s['warmup']}, "
+             f"{s['steps']} steps, batch {s['batch_size']}, {rate}, warm-up {s['warmup']}, "
              f"encoder stages trained {s['train_stages'] or 'default'}, GaLore rank {s['rank']}, "
-             f"{s['seeds']} seed(s); U-Net {s['unet_steps']} steps. Dice mean ± std over seeds (HD95 in mm).\n"]
+             f"{s['seeds']} seed(s); {unet}. Dice mean ± std over seeds (HD95 in mm).\n"]
+    search = payload.get("lr_search") or []
+    if search:
+        grid = sorted({t["lr"] for t in search})
+        lines.append(f"Learning rates were chosen per method by mean Dice on {len(payload.get('validation_slices', []))} "
+                     f"validation slices (disjoint from the test slices), {search[0]['shots']} shots, seed 0:\n")
+        lines.append("| method | " + " | ".join(f"lr {g:g}" for g in grid) + " | chosen |")
+        lines.append("|---|" + "---:|" * (len(grid) + 1))
+        for m in dict.fromkeys(t["method"] for t in search):
+            cells = []
+            for g in grid:
+                t = next((t for t in search if t["method"] == m and t["lr"] == g), None)
+                cells.append("-" if t is None else ("diverged" if not math.isfinite(t["val_dice"]) else f"{t['val_dice']:.3f}"))
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {by_method.get(m, float('nan')):g} |")
+        lines.append("")
     shots = sorted({r["shots"] for r in payload["summary"]})
     methods = []
     for r in payload["summary"]:
         if r["method"] not in methods:
             methods.append(r["method"])
-    lines.append("| method | " + " | ".join(f"{n} shot{'s' if n > 1 else ''}" for n in shots) + " |")
-    lines.append("|---|" + "---:|" * len(shots))
+    lines.append("| method | lr | " + " | ".join(f"{n} shot{'s' if n > 1 else ''}" for n in shots) + " |")
+    lines.append("|---|---:|" + "---:|" * len(shots))
     for m in methods:
         cells = []
         for n in shots:
             row = next((r for r in payload["summary"] if r["method"] == m and r["shots"] == n), None)
             cells.append("-" if row is None else f"{row['dice_mean']:.3f} ± {row['dice_std']:.3f} ({row['hd95_mean']:.1f})")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        rates = {r.get("lr") for r in payload["summary"] if r["method"] == m} - {None}
+        lr = ", ".join(f"{v:g}" for v in sorted(rates)) or "-"
+        lines.append(f"| {m} | {lr} | " + " | ".join(cells) + " |")
     for name, b in payload["baselines"].items():
-        lines.append(f"| {name} (zero-shot) | " + " | ".join(f"{b['dice']:.3f} ({b['hd95_mm']:.1f})" for _ in shots) + " |")
+        lines.append(f"| {name} (zero-shot) | - | " + " | ".join(f"{b['dice']:.3f} ({b['hd95_mm']:.1f})" for _ in shots) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -341,8 +452,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoder stages trained by the encoder methods (default 1 = last TinyViT stage; "
                              "the trainer's own default is 3)")
     parser.add_argument("--rank", type=int, default=trainer.rank, help=f"GaLore rank (default {trainer.rank}, as finetune)")
+    parser.add_argument("--method-lr", nargs="*", default=[], metavar="METHOD=LR",
+                        help="a fixed learning rate for some methods, e.g. full=3e-4 (overrides --lr and --tune-lr)")
+    parser.add_argument("--tune-lr", type=float, nargs="*", default=[], metavar="LR",
+                        help="choose each method's rate from this grid by Dice on validation slices (e.g. 3e-4 1e-3 3e-3 1e-2)")
+    parser.add_argument("--tune-shots", type=int, default=10, help="training slices of the rate search (seed 0)")
+    parser.add_argument("--val-slices", type=int, default=6, help="validation slices of the rate search")
     parser.add_argument("--test-slices", type=int, default=8)
     parser.add_argument("--unet-steps", type=int, default=200, help="U-Net steps (0 skips the U-Net)")
+    parser.add_argument("--unet-lr", type=float, default=1e-3, help="U-Net learning rate (AdamW, poly decay)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished runs and rate trials of --name's JSON and run only what is missing")
     parser.add_argument("--no-oracle", action="store_true", help="skip the zero-shot baselines")
     parser.add_argument("--warmup-curve-method", default="galore", help="method of the warm-up loss curves ('' skips)")
     parser.add_argument("--warmup-curve-shots", type=int, default=5)
