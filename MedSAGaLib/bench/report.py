@@ -174,9 +174,13 @@ def targets_section(folder: Path) -> list[str]:
             r = by.get((method, 10))
             if full and r:
                 gap = 100 * (full["dice_mean"] - r["dice_mean"])
+                rates = (f"lr {r['lr']:g} vs {full['lr']:g}" if r.get("lr") and full.get("lr")
+                         else f"lr {data['settings'].get('lr')}")
+                spread = (f" (± {100 * r['dice_std']:.1f} / ± {100 * full['dice_std']:.1f} over {r['seeds']} seeds)"
+                          if r.get("seeds", 1) > 1 else "")
                 lines.append(f"| {method} Dice within 2 points of full at 10 shots (`{path.name}`, "
-                             f"{data['settings']['steps']} steps, lr {data['settings'].get('lr')}) | {100 * r['dice_mean']:.1f} vs {100 * full['dice_mean']:.1f} "
-                             f"| {'met' if gap <= 2 else 'missed'} |")
+                             f"{data['settings']['steps']} steps, {rates}) | {100 * r['dice_mean']:.1f} vs "
+                             f"{100 * full['dice_mean']:.1f}{spread} | {'met' if gap <= 2 else 'missed'} |")
                 break
     if not any("Dice within 2 points" in line for line in lines):
         lines.append("| galore-layerwise Dice within 2 points of full at 10 shots | no 10-shot run finished on this "
