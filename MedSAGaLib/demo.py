@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--val-slices", type=int, default=DEMO_DEFAULTS["val_slices"],
                    help="unseen annotated slices scored during training and in the comparison (default 8)")
     p.add_argument("--train-stages", type=int, default=None, help="encoder stages trained (default: the trainer's)")
+    p.add_argument("--lr", type=float, default=FinetuneConfig().lr,
+                   help="learning rate of both runs (default %(default)s, the trainer's)")
     p.add_argument("--augment-copies", type=int, default=FinetuneConfig().augment_copies,
                    help="versions of each training slice whose frozen encoder features are cached (default %(default)s)")
     p.add_argument("--segment", choices=("volume", "none"), default="volume",
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         log(f"fine-tuning with {method!r}: {steps} steps on {len(train_idx)} slices (CPU, {args.threads} threads)")
         segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names, colors)
-        config = FinetuneConfig(method=method, steps=steps, device=args.device, max_val_slices=len(val_idx),
+        config = FinetuneConfig(method=method, steps=steps, lr=args.lr, device=args.device, max_val_slices=len(val_idx),
                                 augment_copies=args.augment_copies,
                                 train_stages=args.train_stages if method != "decoder" else None)
         config.warmup = min(config.warmup, max(0, steps - 1))
