@@ -95,7 +95,10 @@ def test_galore_groups_carry_rank_and_state_is_rank_sized(tiny):
         for p in group["params"]:
             state = opt.optimizers[0].state[p]
             assert state["exp_avg"].shape != p.shape and min(state["exp_avg"].shape) == group["rank"]
-            assert state["projector"].ortho_matrix is not None
+            ortho = state["projector"].ortho_matrix
+            # only the rank-sized projection is kept, not the full SVD factor it was sliced from
+            assert min(ortho.shape) == group["rank"]
+            assert ortho.untyped_storage().nbytes() == ortho.numel() * ortho.element_size()
     assert result.galore_parameters > 0 and result.steps_done == 2
 
 

@@ -125,6 +125,7 @@ class TrainingOptimizer:
                 self.grad_scaler.step(opt)
             else:
                 opt.step()
+            compact_projections(opt)
         if self.grad_scaler is not None:
             self.grad_scaler.update()
 
@@ -145,6 +146,27 @@ class TrainingOptimizer:
                 if "rank" in group:
                     out.extend(opt.state[p] for p in group["params"] if p in opt.state)
         return out
+
+
+def compact_projections(optimizer: torch.optim.Optimizer) -> None:
+    """Keep only the rank-sized part of each GaLore projection matrix.
+
+    galore-torch takes the projection as a slice of the full SVD factor (``Vh[:rank]`` or
+    ``U[:, :rank]``), so the whole square factor stays alive behind it: on vit_b that is about
+    110 MB of optimizer state that the rank never asked for. A copy holds the same numbers.
+    """
+    for state in optimizer.state.values():
+        projector = state.get("projector") if isinstance(state, dict) else None
+        matrix = getattr(projector, "ortho_matrix", None)
+        if isinstance(matrix, torch.Tensor) and _oversized(matrix):
+            projector.ortho_matrix = matrix.clone(memory_format=torch.contiguous_format)
+        elif isinstance(matrix, list):
+            projector.ortho_matrix = [m.clone(memory_format=torch.contiguous_format) if _oversized(m) else m
+                                      for m in matrix]
+
+
+def _oversized(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
 
 def build_optimizer(groups: list[dict], config: FinetuneConfig, notes=None) -> TrainingOptimizer:
@@ -171,8 +193,10 @@ def build_optimizer(groups: list[dict], config: FinetuneConfig, notes=None) -> T
                 opt = torch.optim.AdamW([single], lr=group["lr"])
             optimizers.append(opt)
 
-            def hook(param, opt=opt):
+            def hook(param, opt=opt, galore="rank" in group):
                 opt.step()
+                if galore:
+                    compact_projections(opt)
                 opt.zero_grad(set_to_none=True)
 
             hooks.append(p.register_post_accumulate_grad_hook(hook))
