@@ -153,3 +153,17 @@ def test_ui_file_is_valid_designer_xml():
     for w in root.iter("widget"):
         cls = w.get("class")
         assert cls.startswith("Q") or cls in declared, cls
+
+
+def test_panel_defaults_match_the_trainer():
+    """The panel's fine-tuning defaults are the CLI's: one recipe, whichever door the user comes in by."""
+    from MedSAGaLib.training.config import FinetuneConfig
+
+    tree = ast.parse(open(WIDGET_FILE, encoding="utf-8").read())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "MedSAGaParameterNode")
+    defaults = {stmt.target.id: ast.literal_eval(stmt.value) for stmt in node.body
+                if isinstance(stmt, ast.AnnAssign) and stmt.value is not None and isinstance(stmt.value, ast.Constant)}
+    trainer = FinetuneConfig()
+    pairs = {"method": "method", "rank": "rank", "updateProjGap": "update_proj_gap", "scale": "scale",
+             "learningRate": "lr", "steps": "steps"}
+    assert {k: defaults[k] for k in pairs} == {k: getattr(trainer, v) for k, v in pairs.items()}
