@@ -170,7 +170,7 @@ def run(args) -> dict:
     from ..head import ClassSegmenter
     from ..inference import segment_with_boxes
     from ..models import build_base_model
-    from ..training import FinetuneConfig, finetune
+    from ..training import FinetuneConfig, TrainingError, finetune
 
     set_threads(args.threads)
     started = time.perf_counter()
@@ -258,7 +258,7 @@ def run(args) -> dict:
                 try:
                     segmenter, _ = train(method, lr, images, labs, cache, 0, args.warmup)
                     s = score(predict(segmenter, val_images), val_ref, spacing2d, names)
-                except Exception as error:  # a diverging rate is a result of the search, not a crash
+                except TrainingError as error:  # a diverging rate (non-finite loss) is a result of the search
                     s = dict(dice=float("nan"), hd95_mm=float("nan"), error=str(error))
                 payload["lr_search"].append(dict(method=method, lr=lr, shots=args.tune_shots, seed=0,
                                                  train_slices=train_idx, val_dice=s["dice"], val_hd95_mm=s["hd95_mm"],
@@ -319,7 +319,7 @@ def run(args) -> dict:
             try:
                 _, result = train(method, lr, images, labs, cache, 0, warm)
                 losses = [h["loss"] for h in result.history if "loss" in h]
-            except Exception as error:  # without warm-up a high rate may diverge: that is the curve's point
+            except TrainingError as error:  # without warm-up a high rate may diverge: that is the curve's point
                 losses, result = [], None
                 log(f"loss curve ({key}, lr {lr:g}) stopped: {error}")
             payload["loss_curves"][key] = dict(method=method, shots=args.warmup_curve_shots, lr=lr, losses=losses)
