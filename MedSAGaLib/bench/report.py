@@ -71,37 +71,42 @@ def memory_section(folder: Path, rel: str) -> list[str]:
     return lines
 
 
+def _quality_files(folder: Path) -> list[tuple[Path, dict, bool]]:
+    """(path, data, partial): a run stopped before its summary gets one made from the runs it finished."""
+    from .quality import summarize
+
+    out = []
+    for path, data in _load(folder, "quality*.json"):
+        partial = not data.get("summary") and bool(data.get("runs"))
+        data["summary"] = summarize(data) if partial else (data.get("summary") or [])
+        out.append((path, data, partial))
+    return out
+
+
 def quality_section(folder: Path, rel: str) -> list[str]:
-    from .quality import markdown
+    from .quality import markdown, plot
 
     lines = []
-    files = _load(folder, "quality*.json")
+    files = _quality_files(folder)
     if not files:
         return ["_No quality benchmark in the results folder yet: run `medsaga bench quality`._", ""]
-    for path, data in files:
-        if not data.get("summary"):
-            if not data.get("runs"):
-                curves = data.get("loss_curves") or {}
-                if curves:
-                    from .quality import plot
-
-                    plot(data, path.with_suffix(".png"), path.with_name(path.stem + "_loss.png"))
-                    first = next(iter(curves.values()))
-                    finals = ", ".join(f"{k}: final loss {c['losses'][-1]:.3f}" for k, c in curves.items() if c["losses"])
-                    lines.append(f"#### `{path.name}` — loss curves, {first['method']}, {first['shots']} shot(s), "
-                                 f"lr {first['lr']:g}\n")
-                    lines.append(f"{finals}.\n")
-                    lines.append(f"![loss curves with and without warm-up]({rel}/{path.stem}_loss.png)\n")
-                else:
-                    lines.append(f"_`{path.name}` holds no finished run yet._\n")
-                continue
-            from .quality import summarize
-
-            data["summary"] = summarize(data)
+    for path, data, partial in files:
+        if not data.get("summary"):  # no finished run: at most the warm-up loss curves
+            curves = data.get("loss_curves") or {}
+            if curves:
+                plot(data, path.with_suffix(".png"), path.with_name(path.stem + "_loss.png"))
+                first = next(iter(curves.values()))
+                finals = ", ".join(f"{k}: final loss {c['losses'][-1]:.3f}" for k, c in curves.items() if c["losses"])
+                lines.append(f"#### `{path.name}` — loss curves, {first['method']}, {first['shots']} shot(s), "
+                             f"lr {first['lr']:g}\n")
+                lines.append(f"{finals}.\n")
+                lines.append(f"![loss curves with and without warm-up]({rel}/{path.stem}_loss.png)\n")
+            else:
+                lines.append(f"_`{path.name}` holds no finished run yet._\n")
+            continue
+        if partial:
             lines.append(f"_`{path.name}` is partial: the run stopped before finishing its plan; these are the "
                          "runs it completed._\n")
-        from .quality import plot
-
         plot(data, path.with_suffix(".png"), path.with_name(path.stem + "_loss.png"))
         path.with_suffix(".md").write_text(markdown(data), encoding="utf-8")
         machine = data.get("machine", {})
@@ -163,11 +168,7 @@ def targets_section(folder: Path) -> list[str]:
                     lines.append(f"| (reference) lora+ckpt peak vs full ({where}) | {lr:.2f}x; galore-layerwise+ckpt is "
                                  f"{glw['tracker_peak'] / lora['tracker_peak']:.2f}x LoRA's | "
                                  f"{'GaLore lower' if glw['tracker_peak'] < lora['tracker_peak'] else 'LoRA lower'} |")
-    for path, data in _load(folder, "quality*.json"):
-        if not data.get("summary") and data.get("runs"):
-            from .quality import summarize
-
-            data["summary"] = summarize(data)
+    for path, data, _ in _quality_files(folder):
         by = {(r["method"], r["shots"]): r for r in data.get("summary", [])}
         full = by.get(("full", 10))
         for method in ("galore-layerwise", "galore"):
