@@ -156,6 +156,33 @@ def test_quality_table_names_each_methods_rate():
     assert "| full | 0.0003 | 0.805 ± 0.005 (5.0) | 0.805 ± 0.005 (5.0) |" in text
 
 
+def test_quality_setting_search_is_parsed_reported_and_invalidates_stale_runs():
+    from MedSAGaLib.bench import quality
+
+    assert quality.parse_setting_grids(["scale=0.25,1", "rank=16,32,16"]) == [("scale", [0.25, 1.0]), ("rank", [16, 32])]
+    for bad in (["scale"], ["lr=1e-3,1e-2"], ["rank=a,b"], ["scale="]):
+        with pytest.raises(SystemExit, match="--tune-setting"):
+            quality.parse_setting_grids(bad)
+    runs = [dict(method="full", lr=3e-4, shots=10, seed=0), dict(method="galore-layerwise", lr=1e-3, shots=10, seed=0),
+            dict(method="galore-layerwise", lr=1e-3, config={"scale": 1.0}, shots=10, seed=1),
+            dict(method="unet", lr=1e-3, shots=10, seed=0)]
+    stale = quality.stale_runs(runs, {"full": 3e-4, "galore-layerwise": 1e-3}, {"galore-layerwise": {"scale": 1.0}})
+    assert stale == [runs[1]]  # made before the scale was chosen; the U-Net is not a swept method
+    assert quality.stale_runs(runs, {"full": 1e-3, "galore-layerwise": 1e-3}, {"galore-layerwise": {"scale": 1.0}}) == runs[:2]
+    trials = [dict(method="galore-layerwise", lr=1e-3, config={"scale": v}, shots=10, seed=k, val_dice=d + 0.01 * k)
+              for v, d in ((0.25, 0.80), (1.0, 0.90)) for k in range(3)]
+    payload = dict(settings=dict(steps=60, batch_size=2, lr=1e-3, warmup=10, train_stages=1, rank=32, seeds=1, unet_steps=0,
+                                 tune_setting_seeds=3), test_slices=[1], validation_slices=[5], baselines={},
+                   runs=[dict(method="galore-layerwise", shots=10, seed=0, lr=1e-3, config={"scale": 1.0}, dice=0.9,
+                              hd95_mm=2.0, seconds_per_step=1.0)],
+                   setting_search=trials, config_by_method={"galore-layerwise": {"scale": 1.0}})
+    payload["summary"] = quality.summarize(payload)
+    text = quality.markdown(payload)
+    assert "| galore-layerwise | scale 0.25 | 0.810 (0.800-0.820) |  |" in text
+    assert "| galore-layerwise | scale 1 | 0.910 (0.900-0.920) | yes |" in text
+    assert "| galore-layerwise | 0.001 (scale 1) | 0.900 ± 0.000 (2.0) |" in text
+
+
 def test_report_rewrites_only_the_results_section(measured, tmp_path):
     from argparse import Namespace
 

@@ -14,7 +14,9 @@ validation: the last weights are scored). Baselines on the same test slices:
 
 Learning rates: one rate for all methods (``--lr``), fixed rates per method (``--method-lr``), or
 each method's best rate from one shared grid (``--tune-lr``), judged by Dice on validation slices
-that are neither trained on nor scored.
+that are neither trained on nor scored. Method-specific settings (GaLore's rank, scale and
+projection gap; LoRA's rank and alpha) can then be chosen the same way (``--tune-setting``), one
+setting after another at the chosen rate, by mean validation Dice over several draws.
 
 Loss curves with and without warm-up are recorded for one method at one shot count.
 """
@@ -35,6 +37,15 @@ from .common import machine_info, set_threads, write_json
 
 METHODS = ("galore", "galore-layerwise", "lora", "full", "decoder")
 DEFAULT_METHODS = ("galore", "lora", "full", "decoder")
+# The trainer settings that belong to one family of methods, and so can be tuned for it alone.
+SETTING_METHODS = {
+    "rank": ("galore", "galore-layerwise"),
+    "scale": ("galore", "galore-layerwise"),
+    "update_proj_gap": ("galore", "galore-layerwise"),
+    "proj_type": ("galore", "galore-layerwise"),
+    "lora_rank": ("lora",),
+    "lora_alpha": ("lora",),
+}
 
 
 def log(message: str) -> None:
@@ -165,6 +176,34 @@ def parse_method_lrs(entries: list[str]) -> dict[str, float]:
     return out
 
 
+def parse_setting_grids(entries: list[str]) -> list[tuple[str, list]]:
+    """``["scale=0.25,1"]`` -> ``[("scale", [0.25, 1.0])]``, each value of the trainer's own type."""
+    from ..training import FinetuneConfig
+
+    defaults = FinetuneConfig()
+    out = []
+    for entry in entries or []:
+        key, sep, values = entry.partition("=")
+        if not sep or key not in SETTING_METHODS:
+            raise SystemExit(f"--tune-setting wants KEY=V1,V2,... with KEY one of {', '.join(SETTING_METHODS)}; "
+                             f"got {entry!r}.")
+        kind = type(getattr(defaults, key))
+        try:
+            grid = [kind(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise SystemExit(f"--tune-setting {entry!r}: the values must be of type {kind.__name__}.") from None
+        if not grid:
+            raise SystemExit(f"--tune-setting {entry!r}: give at least one value.")
+        out.append((key, list(dict.fromkeys(grid))))
+    return out
+
+
+def stale_runs(runs: list[dict], lr_by_method: dict, config_by_method: dict) -> list[dict]:
+    """Runs (kept by --resume) of a swept method made at another rate or with other settings than chosen now."""
+    return [r for r in runs if r["method"] in lr_by_method
+            and (r.get("lr") != lr_by_method[r["method"]] or (r.get("config") or {}) != config_by_method.get(r["method"], {}))]
+
+
 def run(args) -> dict:
     from ..data import TISSUE_CLASSES
     from ..head import ClassSegmenter
@@ -176,8 +215,9 @@ def run(args) -> dict:
     started = time.perf_counter()
     names = list(TISSUE_CLASSES)
     tune_grid = sorted(set(args.tune_lr or []))
+    setting_grids = parse_setting_grids(args.tune_setting)
     array01, labels, axis, spacing2d, test, val, candidates = load_task(args.test_slices,
-                                                                         args.val_slices if tune_grid else 0)
+                                                                         args.val_slices if tune_grid or setting_grids else 0)
     take = lambda vol, z: np.take(vol, z, axis=axis)  # noqa: E731
     test_images = [take(array01, z) for z in test]
     test_ref = np.stack([take(labels, z) for z in test])
@@ -187,7 +227,9 @@ def run(args) -> dict:
     json_path = out_dir / f"{args.name}.json"
     settings = {k: getattr(args, k) for k in ("shots", "seeds", "methods", "steps", "batch_size", "lr", "warmup",
                                               "train_stages", "rank", "test_slices", "unet_steps", "unet_lr", "threads")}
-    settings.update(tune_lr=tune_grid, tune_shots=args.tune_shots, val_slices=len(val))
+    settings.update(tune_lr=tune_grid, tune_shots=args.tune_shots, val_slices=len(val),
+                    tune_setting=[f"{k}={','.join(map(str, v))}" for k, v in setting_grids],
+                    tune_setting_seeds=args.tune_setting_seeds)
     payload = {
         "benchmark": "quality",
         "task": "MNI152 2009 T1 template, grey/white matter, axial slices (nilearn)",
@@ -200,15 +242,18 @@ def run(args) -> dict:
         "loss_curves": {},
         "lr_search": [],
         "lr_by_method": {},
+        "setting_search": [],
+        "config_by_method": {},
     }
     if args.resume and json_path.exists():
         old = json.loads(json_path.read_text(encoding="utf-8"))
         if old.get("test_slices") != test or old.get("validation_slices", []) != val:
             raise SystemExit(f"--resume: {json_path} was made with other test/validation slices; use another --name.")
-        for key in ("runs", "baselines", "loss_curves", "lr_search"):
+        for key in ("runs", "baselines", "loss_curves", "lr_search", "setting_search"):
             payload[key] = old.get(key) or payload[key]
         started -= old.get("seconds", 0.0)
-        log(f"resuming {json_path}: {len(payload['runs'])} runs, {len(payload['lr_search'])} rate trials kept")
+        log(f"resuming {json_path}: {len(payload['runs'])} runs, {len(payload['lr_search'])} rate trials and "
+            f"{len(payload['setting_search'])} setting trials found")
 
     def save():
         payload["seconds"] = time.perf_counter() - started
@@ -233,20 +278,22 @@ def run(args) -> dict:
         return (train_idx, [take(array01, z) for z in train_idx], [take(labels, z) for z in train_idx],
                 caches.setdefault((shots, seed), {}))
 
-    def train(method: str, lr: float, images, labs, cache, seed: int, warmup: int):
+    def train(method: str, lr: float, images, labs, cache, seed: int, warmup: int, settings: Optional[dict] = None):
         segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
         config = FinetuneConfig(method=method, steps=args.steps, batch_size=args.batch_size, lr=lr,
                                 warmup=min(warmup, args.steps - 1), rank=args.rank, seed=seed,
                                 train_stages=None if method == "decoder" else args.train_stages)
+        for key, value in (settings or {}).items():
+            setattr(config, key, value)
         return segmenter, finetune(segmenter, images, labs, config, feature_cache=cache)
 
     # Each method's learning rate: chosen on the validation slices (never on the test slices) from one
     # grid shared by all methods, so no method is judged at a rate that suits only another.
     fixed = parse_method_lrs(args.method_lr)
     lr_by_method = {m: fixed.get(m, args.lr) for m in args.methods}
+    val_images = [take(array01, z) for z in val]
+    val_ref = np.stack([take(labels, z) for z in val]) if val else None
     if tune_grid:
-        val_images = [take(array01, z) for z in val]
-        val_ref = np.stack([take(labels, z) for z in val])
         train_idx, images, labs, cache = draw(args.tune_shots, 0)
         for method in args.methods:
             if method in fixed:
@@ -274,6 +321,48 @@ def run(args) -> dict:
         log("rates chosen on the validation slices: " + ", ".join(f"{m} {v:g}" for m, v in lr_by_method.items()))
     save()
 
+    # Then each method's own settings, one after another at its chosen rate (a coordinate search), by
+    # mean validation Dice over several draws: one draw's luck should not pick a setting.
+    config_by_method: dict[str, dict] = {m: {} for m in args.methods}
+    for key, grid in setting_grids:
+        for method in [m for m in args.methods if m in SETTING_METHODS[key]]:
+            means = {}
+            for value in grid:
+                settings = dict(config_by_method[method], **{key: value})
+                dices = []
+                for seed in range(args.tune_setting_seeds):
+                    trial = next((t for t in payload["setting_search"] if t["method"] == method and t["lr"] == lr_by_method[method]
+                                  and t["config"] == settings and t["seed"] == seed and t["shots"] == args.tune_shots), None)
+                    if trial is None:
+                        train_idx, images, labs, cache = draw(args.tune_shots, seed)
+                        t0 = time.perf_counter()
+                        try:
+                            segmenter, _ = train(method, lr_by_method[method], images, labs, cache, seed, args.warmup, settings)
+                            s = score(predict(segmenter, val_images), val_ref, spacing2d, names)
+                        except TrainingError as error:
+                            s = dict(dice=float("nan"), hd95_mm=float("nan"), error=str(error))
+                        trial = dict(method=method, lr=lr_by_method[method], config=settings, shots=args.tune_shots, seed=seed,
+                                     train_slices=train_idx, val_dice=s["dice"], val_hd95_mm=s["hd95_mm"],
+                                     seconds=time.perf_counter() - t0)
+                        payload["setting_search"].append(trial)
+                        log(f"setting search {method:16s} {settings}: seed {seed} validation Dice {s['dice']:.3f}")
+                        save()
+                    dices.append(trial["val_dice"])
+                means[value] = float(np.mean(dices)) if all(math.isfinite(d) for d in dices) else float("nan")
+            finite = {v: d for v, d in means.items() if math.isfinite(d)}
+            if finite:
+                config_by_method[method][key] = max(finite, key=finite.get)
+                log(f"{method}: {key} = {config_by_method[method][key]} (validation Dice "
+                    + ", ".join(f"{v}: {d:.3f}" for v, d in means.items()) + ")")
+    payload["config_by_method"] = {m: c for m, c in config_by_method.items() if c}
+    save()
+
+    stale = stale_runs(payload["runs"], lr_by_method, config_by_method)
+    if stale:
+        log(f"dropping {len(stale)} earlier run(s) made with another rate or settings: "
+            + ", ".join(sorted({r["method"] for r in stale})))
+        payload["runs"] = [r for r in payload["runs"] if r not in stale]
+
     def done(method: str, shots: int, seed: int) -> bool:
         return any((r["method"], r["shots"], r["seed"]) == (method, shots, seed) for r in payload["runs"])
 
@@ -285,9 +374,11 @@ def run(args) -> dict:
                 if done(method, shots, seed):
                     continue
                 t0 = time.perf_counter()
-                segmenter, result = train(method, lr_by_method[method], images, labs, cache, seed, args.warmup)
+                segmenter, result = train(method, lr_by_method[method], images, labs, cache, seed, args.warmup,
+                                          config_by_method[method])
                 s = score(predict(segmenter, test_images), test_ref, spacing2d, names)
-                row = dict(method=method, shots=shots, seed=seed, lr=lr_by_method[method], train_slices=train_idx,
+                row = dict(method=method, shots=shots, seed=seed, lr=lr_by_method[method], config=config_by_method[method],
+                           train_slices=train_idx,
                            steps=result.steps_done, seconds_per_step=result.seconds_per_step,
                            total_seconds=time.perf_counter() - t0, final_loss=result.final_loss,
                            trainable_parameters=result.trainable_parameters, train_stages=result.train_stages,
@@ -311,18 +402,21 @@ def run(args) -> dict:
         method = args.warmup_curve_method
         _, images, labs, cache = draw(args.warmup_curve_shots, 0)
         base_lr = lr_by_method.get(method, fixed.get(method, args.lr))
+        curve_settings = config_by_method.get(method, {})
         for warm in (args.warmup, 0):
             key = f"warmup {warm}"
-            if key in payload["loss_curves"]:
-                continue
             lr = base_lr * args.warmup_curve_lr_factor
+            old = payload["loss_curves"].get(key)
+            if old and old.get("method") == method and old.get("lr") == lr and old.get("config", {}) == curve_settings:
+                continue
             try:
-                _, result = train(method, lr, images, labs, cache, 0, warm)
+                _, result = train(method, lr, images, labs, cache, 0, warm, curve_settings)
                 losses = [h["loss"] for h in result.history if "loss" in h]
             except TrainingError as error:  # without warm-up a high rate may diverge: that is the curve's point
                 losses, result = [], None
                 log(f"loss curve ({key}, lr {lr:g}) stopped: {error}")
-            payload["loss_curves"][key] = dict(method=method, shots=args.warmup_curve_shots, lr=lr, losses=losses)
+            payload["loss_curves"][key] = dict(method=method, shots=args.warmup_curve_shots, lr=lr, config=curve_settings,
+                                               losses=losses)
             if result is not None:
                 log(f"loss curve ({key}, lr {lr:g}): final loss {result.final_loss:.3f}")
             save()
@@ -340,7 +434,8 @@ def summarize(payload: dict) -> list[dict]:
         runs = [r for r in payload["runs"] if r["method"] == method and r["shots"] == shots]
         dice = np.array([r["dice"] for r in runs], dtype=float)
         hd = np.array([r["hd95_mm"] for r in runs], dtype=float)
-        rows.append(dict(method=method, shots=shots, seeds=len(runs), lr=runs[0].get("lr"), dice_mean=float(np.nanmean(dice)),
+        rows.append(dict(method=method, shots=shots, seeds=len(runs), lr=runs[0].get("lr"), config=runs[0].get("config") or {},
+                         dice_mean=float(np.nanmean(dice)),
                          dice_std=float(np.nanstd(dice)), hd95_mean=float(np.nanmean(hd)), hd95_std=float(np.nanstd(hd)),
                          seconds_per_step=float(np.mean([r.get("seconds_per_step", float("nan")) for r in runs]))))
     return rows
@@ -369,6 +464,20 @@ def markdown(payload: dict) -> str:
                 cells.append("-" if t is None else ("diverged" if not math.isfinite(t["val_dice"]) else f"{t['val_dice']:.3f}"))
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {by_method.get(m, float('nan')):g} |")
         lines.append("")
+    trials = payload.get("setting_search") or []
+    if trials:
+        lines.append(f"Then each method's own settings, one at a time at its chosen rate, by mean validation Dice over "
+                     f"{s.get('tune_setting_seeds', '?')} draws of {trials[0]['shots']} training slices "
+                     "(range over the draws in brackets):\n")
+        lines.append("| method | settings | mean validation Dice | chosen |")
+        lines.append("|---|---|---:|---|")
+        chosen = payload.get("config_by_method") or {}
+        for (m, key), group in _by_config(trials).items():
+            dices = np.array([t["val_dice"] for t in group], dtype=float)
+            text = "diverged" if not np.isfinite(dices).all() else f"{dices.mean():.3f} ({dices.min():.3f}-{dices.max():.3f})"
+            mark = "yes" if dict(key) == chosen.get(m) else ""
+            lines.append(f"| {m} | {settings_text(dict(key))} | {text} | {mark} |")
+        lines.append("")
     shots = sorted({r["shots"] for r in payload["summary"]})
     methods = []
     for r in payload["summary"]:
@@ -383,10 +492,24 @@ def markdown(payload: dict) -> str:
             cells.append("-" if row is None else f"{row['dice_mean']:.3f} ± {row['dice_std']:.3f} ({row['hd95_mean']:.1f})")
         rates = {r.get("lr") for r in payload["summary"] if r["method"] == m} - {None}
         lr = ", ".join(f"{v:g}" for v in sorted(rates)) or "-"
+        settings = next((r.get("config") for r in payload["summary"] if r["method"] == m and r.get("config")), None)
+        lr += f" ({settings_text(settings)})" if settings else ""
         lines.append(f"| {m} | {lr} | " + " | ".join(cells) + " |")
     for name, b in payload["baselines"].items():
         lines.append(f"| {name} (zero-shot) | - | " + " | ".join(f"{b['dice']:.3f} ({b['hd95_mm']:.1f})" for _ in shots) + " |")
     return "\n".join(lines) + "\n"
+
+
+def settings_text(settings: dict) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
+
+
+def _by_config(trials: list[dict]) -> dict:
+    """Setting trials grouped by (method, settings), in the order they were first tried."""
+    groups: dict = {}
+    for t in trials:
+        groups.setdefault((t["method"], tuple(t["config"].items())), []).append(t)
+    return groups
 
 
 def plot(payload: dict, dice_path: Path, loss_path: Path) -> None:
@@ -456,7 +579,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a fixed learning rate for some methods, e.g. full=3e-4 (overrides --lr and --tune-lr)")
     parser.add_argument("--tune-lr", type=float, nargs="*", default=[], metavar="LR",
                         help="choose each method's rate from this grid by Dice on validation slices (e.g. 3e-4 1e-3 3e-3 1e-2)")
-    parser.add_argument("--tune-shots", type=int, default=10, help="training slices of the rate search (seed 0)")
+    parser.add_argument("--tune-setting", nargs="*", default=[], metavar="KEY=V1,V2",
+                        help="after the rate, choose a method setting from these values by validation Dice, e.g. "
+                             "scale=0.25,1 (GaLore methods) or lora_rank=4,16; keys: " + ", ".join(SETTING_METHODS))
+    parser.add_argument("--tune-setting-seeds", type=int, default=3,
+                        help="draws of training slices per setting value; the mean validation Dice decides (default 3)")
+    parser.add_argument("--tune-shots", type=int, default=10, help="training slices of the rate and setting searches")
     parser.add_argument("--val-slices", type=int, default=6, help="validation slices of the rate search")
     parser.add_argument("--test-slices", type=int, default=8)
     parser.add_argument("--unet-steps", type=int, default=200, help="U-Net steps (0 skips the U-Net)")

@@ -168,6 +168,8 @@ def targets_section(folder: Path) -> list[str]:
                     lines.append(f"| (reference) lora+ckpt peak vs full ({where}) | {lr:.2f}x; galore-layerwise+ckpt is "
                                  f"{glw['tracker_peak'] / lora['tracker_peak']:.2f}x LoRA's | "
                                  f"{'GaLore lower' if glw['tracker_peak'] < lora['tracker_peak'] else 'LoRA lower'} |")
+    from .quality import settings_text
+
     for path, data, _ in _quality_files(folder):
         by = {(r["method"], r["shots"]): r for r in data.get("summary", [])}
         full = by.get(("full", 10))
@@ -177,6 +179,8 @@ def targets_section(folder: Path) -> list[str]:
                 gap = 100 * (full["dice_mean"] - r["dice_mean"])
                 rates = (f"lr {r['lr']:g} vs {full['lr']:g}" if r.get("lr") and full.get("lr")
                          else f"lr {data['settings'].get('lr')}")
+                if r.get("config"):
+                    rates += ", " + settings_text(r["config"])
                 spread = (f" (± {100 * r['dice_std']:.1f} / ± {100 * full['dice_std']:.1f} over {r['seeds']} seeds)"
                           if r.get("seeds", 1) > 1 else "")
                 lines.append(f"| {method} Dice within 2 points of full at 10 shots (`{path.name}`, "
