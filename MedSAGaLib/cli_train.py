@@ -50,7 +50,8 @@ def add_finetune_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=defaults.warmup, help=f"linear warm-up steps before poly decay (default {defaults.warmup})")
     p.add_argument("--rank", type=int, default=defaults.rank, help=f"GaLore rank (default {defaults.rank})")
     p.add_argument("--update-proj-gap", type=int, default=defaults.update_proj_gap, help="steps between GaLore projector updates")
-    p.add_argument("--scale", type=float, default=defaults.scale, help="GaLore scale")
+    p.add_argument("--scale", type=float, default=defaults.scale,
+                   help=f"GaLore scale: multiplies the projected encoder update (default {defaults.scale:g})")
     p.add_argument("--proj-type", default=defaults.proj_type, help="GaLore projection type (std, left, right, ...)")
     p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="LoRA rank (method lora)")
     p.add_argument("--train-stages", type=int, default=None,

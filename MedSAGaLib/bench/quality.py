@@ -572,8 +572,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=trainer.lr, help=f"learning rate (default {trainer.lr}, as finetune)")
     parser.add_argument("--warmup", type=int, default=trainer.warmup)
     parser.add_argument("--train-stages", type=int, default=1,
-                        help="encoder stages trained by the encoder methods (default 1 = last TinyViT stage; "
-                             "the trainer's own default is 3)")
+                        help="encoder stages trained by the encoder methods (default 1 = the last TinyViT stage, "
+                             "as the trainer does on a CPU; on a GPU it trains 3)")
     parser.add_argument("--rank", type=int, default=trainer.rank, help=f"GaLore rank (default {trainer.rank}, as finetune)")
     parser.add_argument("--method-lr", nargs="*", default=[], metavar="METHOD=LR",
                         help="a fixed learning rate for some methods, e.g. full=3e-4 (overrides --lr and --tune-lr)")

@@ -38,7 +38,9 @@ class FinetuneConfig:
     # GaLore
     rank: int = 32
     update_proj_gap: int = 50
-    scale: float = 0.25
+    # multiplies GaLore's projected update. galore-torch's 0.25 comes from LLM pre-training at a 10x higher rate;
+    # at lr 1e-3 the validation search of docs/results/quality_sweep.json chose 1 from 0.25, 0.5, 1 and 2
+    scale: float = 1.0
     proj_type: str = "std"
     # LoRA (SAMed)
     lora_rank: int = 4

@@ -184,7 +184,7 @@ class MedSAGaParameterNode:
     method: Annotated[str, Choice(METHODS)] = "galore"
     rank: Annotated[int, WithinRange(1, 1024)] = 32
     updateProjGap: Annotated[int, WithinRange(1, 100000)] = 50
-    scale: Annotated[float, WithinRange(0.0, 10.0)] = 0.25
+    scale: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
     learningRate: Annotated[float, WithinRange(1e-7, 1.0)] = 1e-3  # the trainer's default (a test pins it)
     steps: Annotated[int, WithinRange(1, 100000)] = 60
     device: Annotated[str, Choice(DEVICES)] = "auto"
