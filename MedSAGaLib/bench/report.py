@@ -144,6 +144,8 @@ def speed_section(folder: Path, rel: str) -> list[str]:
 
 def targets_section(folder: Path) -> list[str]:
     """The issue's targets, checked against whatever the result files hold."""
+    from .quality import settings_text
+
     lines = ["| target | measured | verdict |", "|---|---|---|"]
     for path, data in _load(folder, "memory*.json"):
         ok = [r for r in data.get("results", []) if "error" not in r]
@@ -168,8 +170,6 @@ def targets_section(folder: Path) -> list[str]:
                     lines.append(f"| (reference) lora+ckpt peak vs full ({where}) | {lr:.2f}x; galore-layerwise+ckpt is "
                                  f"{glw['tracker_peak'] / lora['tracker_peak']:.2f}x LoRA's | "
                                  f"{'GaLore lower' if glw['tracker_peak'] < lora['tracker_peak'] else 'LoRA lower'} |")
-    from .quality import settings_text
-
     for path, data, _ in _quality_files(folder):
         by = {(r["method"], r["shots"]): r for r in data.get("summary", [])}
         full = by.get(("full", 10))
