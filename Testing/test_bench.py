@@ -204,3 +204,35 @@ def test_report_rewrites_only_the_results_section(measured, tmp_path):
     assert "STALE-SECTION-TEXT" not in text and "| galore-layerwise r8 |" in text
     assert "galore − full = -1.0 Dice points" in text
     assert "No speed benchmark" in text
+
+
+def test_quality_run_chooses_a_setting_on_validation_and_resume_reruns_only_stale_runs(tmp_path):
+    """The real benchmark, tiny: LiteMedSAM, 1 shot, 2 steps, a 2-value scale search on validation slices."""
+    from MedSAGaLib.bench import quality as quality_module
+    from MedSAGaLib.cli import build_parser
+
+    def quality(*extra):
+        argv = ["bench", "quality", "--shots", "1", "--seeds", "1", "--methods", "galore-layerwise", "decoder",
+                "--steps", "2", "--warmup", "1", "--test-slices", "2", "--val-slices", "2", "--tune-shots", "1",
+                "--tune-setting-seeds", "1", "--unet-steps", "0", "--no-oracle", "--warmup-curve-method", "",
+                "--output", str(tmp_path), "--name", "q", *extra]
+        args = build_parser().parse_args(argv)
+        return quality_module.run(args)
+
+    first = quality("--tune-setting", "scale=0.5,1")
+    trials = first["setting_search"]
+    assert [t["config"] for t in trials] == [{"scale": 0.5}, {"scale": 1.0}]
+    assert set(first["validation_slices"]).isdisjoint(first["test_slices"])
+    best = max(trials, key=lambda t: t["val_dice"])["config"]
+    assert first["config_by_method"] == {"galore-layerwise": best}
+    rows = {r["method"]: r for r in first["runs"]}
+    assert rows["galore-layerwise"]["config"] == best and rows["decoder"]["config"] == {}
+    # A scale grid without the chosen value forces another choice: only the GaLore run is redone.
+    other = 0.5 if best == {"scale": 1.0} else 1.0
+    second = quality("--tune-setting", f"scale={other}", "--resume")
+    rows2 = {r["method"]: r for r in second["runs"]}
+    assert second["config_by_method"] == {"galore-layerwise": {"scale": other}}
+    assert rows2["galore-layerwise"]["config"] == {"scale": other}
+    assert rows2["decoder"]["total_seconds"] == rows["decoder"]["total_seconds"]  # kept, not retrained
+    assert len(second["setting_search"]) == 2  # the trial for `other` was reused, not rerun
+    assert (tmp_path / "q.md").read_text(encoding="utf-8").count("| galore-layerwise | scale") == 2
