@@ -296,3 +296,36 @@ def test_every_class_can_win(tiny):
     assert min(result.val_dice.values()) > 0.5, result.val_dice
     predicted = predict_slices(tiny, images[2:])[0]
     assert set(np.unique(predicted)) == {0, 1, 2}
+
+
+def test_checkpointed_global_attention_is_chunked_with_the_same_numbers():
+    """SAM ViT global blocks compute attention a chunk of query rows at a time once checkpointed."""
+    from segment_anything.modeling.image_encoder import Block
+
+    from MedSAGaLib.training.attention import chunked_attention_forward
+    from MedSAGaLib.training.encoder import set_checkpointing
+
+    torch.manual_seed(0)
+    global_blk = Block(dim=32, num_heads=4, use_rel_pos=True, window_size=0, input_size=(8, 8))
+    window_blk = Block(dim=32, num_heads=4, use_rel_pos=True, window_size=4, input_size=(4, 4))
+    for p in (global_blk.attn.rel_pos_h, global_blk.attn.rel_pos_w):
+        torch.nn.init.normal_(p)  # segment-anything starts them at zero, which would hide a rel-pos mistake
+    x = torch.randn(2, 8, 8, 32, requires_grad=True)
+
+    def run():
+        global_blk.zero_grad()
+        x.grad = None
+        y = global_blk(x)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in global_blk.parameters()], x.grad.clone()
+
+    ref = run()
+    set_checkpointing([global_blk, window_blk], True)
+    assert "forward" in global_blk.attn.__dict__ and "forward" not in window_blk.attn.__dict__
+    global_blk.attn.forward = lambda t: chunked_attention_forward(global_blk.attn, t, chunk_bytes=2 * 4 * 64 * 4 * 10)
+    got = run()  # 10 query rows per chunk: 7 chunks, the last one short
+    assert torch.allclose(got[0], ref[0], atol=1e-5)
+    assert all(torch.allclose(g, r, atol=1e-4) for g, r in zip(got[1], ref[1]))
+    assert torch.allclose(got[2], ref[2], atol=1e-5)
+    set_checkpointing([global_blk, window_blk], False)
+    assert "forward" not in global_blk.attn.__dict__ and "forward" not in global_blk.__dict__

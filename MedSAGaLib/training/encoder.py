@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import set_chunked_attention
+
 NUM_STAGES = 4
 
 
@@ -146,12 +148,17 @@ def _checkpointed_forward(module: nn.Module, original, *args):
 
 
 def set_checkpointing(blocks: list[nn.Module], enabled: bool) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them."""
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    A recomputed global-attention block (SAM ViT) also computes its attention a chunk of query rows
+    at a time, so its backward pass never holds the whole attention map (see ``attention.py``).
+    """
     for blk in blocks:
         if enabled and "forward" not in blk.__dict__:
             blk.forward = functools.partial(_checkpointed_forward, blk, blk.forward)
         elif not enabled and "forward" in blk.__dict__:
             del blk.forward
+    set_chunked_attention(blocks, enabled)
 
 
 def checkpoint_units(split: EncoderSplit) -> list[nn.Module]:
