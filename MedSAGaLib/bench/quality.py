@@ -280,37 +280,42 @@ def run(args) -> dict:
 
     def train(method: str, lr: float, images, labs, cache, seed: int, warmup: int, settings: Optional[dict] = None):
         segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
-        config = FinetuneConfig(method=method, steps=args.steps, batch_size=args.batch_size, lr=lr,
-                                warmup=min(warmup, args.steps - 1), rank=args.rank, seed=seed,
-                                train_stages=None if method == "decoder" else args.train_stages)
-        for key, value in (settings or {}).items():
-            setattr(config, key, value)
+        config = FinetuneConfig(**{**dict(method=method, steps=args.steps, batch_size=args.batch_size, lr=lr,
+                                          warmup=min(warmup, args.steps - 1), rank=args.rank, seed=seed,
+                                          train_stages=None if method == "decoder" else args.train_stages),
+                                   **(settings or {})})
         return segmenter, finetune(segmenter, images, labs, config, feature_cache=cache)
+
+    val_images = [take(array01, z) for z in val]
+    val_ref = np.stack([take(labels, z) for z in val]) if val else None
+
+    def validation_trial(method: str, lr: float, shots: int, seed: int, settings: Optional[dict] = None) -> dict:
+        """Train on one draw and score on the validation slices; a diverging run (non-finite loss) is a
+        result of the search, recorded with NaN Dice."""
+        train_idx, images, labs, cache = draw(shots, seed)
+        t0 = time.perf_counter()
+        try:
+            segmenter, _ = train(method, lr, images, labs, cache, seed, args.warmup, settings)
+            s = score(predict(segmenter, val_images), val_ref, spacing2d, names)
+        except TrainingError as error:
+            s = dict(dice=float("nan"), hd95_mm=float("nan"), error=str(error))
+        return dict(method=method, lr=lr, **({} if settings is None else {"config": settings}), shots=shots, seed=seed,
+                    train_slices=train_idx, val_dice=s["dice"], val_hd95_mm=s["hd95_mm"], seconds=time.perf_counter() - t0)
 
     # Each method's learning rate: chosen on the validation slices (never on the test slices) from one
     # grid shared by all methods, so no method is judged at a rate that suits only another.
     fixed = parse_method_lrs(args.method_lr)
     lr_by_method = {m: fixed.get(m, args.lr) for m in args.methods}
-    val_images = [take(array01, z) for z in val]
-    val_ref = np.stack([take(labels, z) for z in val]) if val else None
     if tune_grid:
-        train_idx, images, labs, cache = draw(args.tune_shots, 0)
         for method in args.methods:
             if method in fixed:
                 continue
             for lr in tune_grid:
                 if any(t["method"] == method and t["lr"] == lr for t in payload["lr_search"]):
                     continue
-                t0 = time.perf_counter()
-                try:
-                    segmenter, _ = train(method, lr, images, labs, cache, 0, args.warmup)
-                    s = score(predict(segmenter, val_images), val_ref, spacing2d, names)
-                except TrainingError as error:  # a diverging rate (non-finite loss) is a result of the search
-                    s = dict(dice=float("nan"), hd95_mm=float("nan"), error=str(error))
-                payload["lr_search"].append(dict(method=method, lr=lr, shots=args.tune_shots, seed=0,
-                                                 train_slices=train_idx, val_dice=s["dice"], val_hd95_mm=s["hd95_mm"],
-                                                 seconds=time.perf_counter() - t0))
-                log(f"rate search {method:16s} lr {lr:g}: validation Dice {s['dice']:.3f}")
+                trial = validation_trial(method, lr, args.tune_shots, 0)
+                payload["lr_search"].append(trial)
+                log(f"rate search {method:16s} lr {lr:g}: validation Dice {trial['val_dice']:.3f}")
                 save()
             trials = [t for t in payload["lr_search"] if t["method"] == method and t["lr"] in tune_grid
                       and math.isfinite(t["val_dice"])]
@@ -334,18 +339,9 @@ def run(args) -> dict:
                     trial = next((t for t in payload["setting_search"] if t["method"] == method and t["lr"] == lr_by_method[method]
                                   and t["config"] == settings and t["seed"] == seed and t["shots"] == args.tune_shots), None)
                     if trial is None:
-                        train_idx, images, labs, cache = draw(args.tune_shots, seed)
-                        t0 = time.perf_counter()
-                        try:
-                            segmenter, _ = train(method, lr_by_method[method], images, labs, cache, seed, args.warmup, settings)
-                            s = score(predict(segmenter, val_images), val_ref, spacing2d, names)
-                        except TrainingError as error:
-                            s = dict(dice=float("nan"), hd95_mm=float("nan"), error=str(error))
-                        trial = dict(method=method, lr=lr_by_method[method], config=settings, shots=args.tune_shots, seed=seed,
-                                     train_slices=train_idx, val_dice=s["dice"], val_hd95_mm=s["hd95_mm"],
-                                     seconds=time.perf_counter() - t0)
+                        trial = validation_trial(method, lr_by_method[method], args.tune_shots, seed, settings)
                         payload["setting_search"].append(trial)
-                        log(f"setting search {method:16s} {settings}: seed {seed} validation Dice {s['dice']:.3f}")
+                        log(f"setting search {method:16s} {settings}: seed {seed} validation Dice {trial['val_dice']:.3f}")
                         save()
                     dices.append(trial["val_dice"])
                 means[value] = float(np.mean(dices)) if all(math.isfinite(d) for d in dices) else float("nan")

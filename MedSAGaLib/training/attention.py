@@ -60,16 +60,12 @@ def chunked_attention_forward(attn: nn.Module, x: torch.Tensor, chunk_bytes: int
     return attn.proj(y)
 
 
-def set_chunked_attention(blocks: list[nn.Module], enabled: bool) -> int:
+def set_chunked_attention(blocks: list[nn.Module], enabled: bool) -> None:
     """Route the global-attention blocks among ``blocks`` through :func:`chunked_attention_forward`."""
-    changed = 0
     for blk in blocks:
         if not is_global_attention_block(blk):
             continue
         if enabled and "forward" not in blk.attn.__dict__:
             blk.attn.forward = functools.partial(chunked_attention_forward, blk.attn)
-            changed += 1
         elif not enabled and "forward" in blk.attn.__dict__:
             del blk.attn.forward
-            changed += 1
-    return changed
