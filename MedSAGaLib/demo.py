@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    from .data import TISSUE_CLASSES, TISSUE_COLORS, mni152_tissue_labels
+    from .samples.mni152 import TISSUE_CLASSES, TISSUE_COLORS, mni152_tissue_labels
     from .head import ClassSegmenter
     from .inference import predict_slices, segment_volume
     from .modelfile import save_model

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from .fileio import atomic_write
 from .head import ClassSegmenter
 from .models import BASE_MODELS, Architecture, build_base_model
 
@@ -36,21 +35,6 @@ def _payload_digest(state: dict[str, torch.Tensor]) -> str:
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def model_metadata(segmenter: ClassSegmenter, extra: Optional[dict] = None) -> dict:

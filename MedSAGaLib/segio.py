@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .modelfile import atomic_write
+from .fileio import atomic_write
 from .volume import VolumeError, check_volume, describe_geometry, same_geometry
 
 

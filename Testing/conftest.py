@@ -62,7 +62,7 @@ def tiny_model_file(tmp_path_factory, tiny_vit_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def mni152(tmp_path_factory) -> tuple[Path, Path]:
     """The real MNI152 T1 template and its grey/white-matter labels as NIfTI files."""
-    from MedSAGaLib.data import write_mni152_task
+    from MedSAGaLib.samples.mni152 import write_mni152_task
 
     return write_mni152_task(tmp_path_factory.mktemp("mni152"))
 

@@ -61,7 +61,7 @@ def load_task(test_slices: int = 8, val_slices: int = 0):
     import SimpleITK as sitk
 
     from ..cli_train import evenly_spread
-    from ..data import mni152_tissue_labels
+    from ..samples.mni152 import mni152_tissue_labels
     from ..segio import annotated_slices
     from ..volume import normalize_intensity, slice_axis
 
@@ -205,7 +205,7 @@ def stale_runs(runs: list[dict], lr_by_method: dict, config_by_method: dict) -> 
 
 
 def run(args) -> dict:
-    from ..data import TISSUE_CLASSES
+    from ..samples.mni152 import TISSUE_CLASSES
     from ..head import ClassSegmenter
     from ..inference import segment_with_boxes
     from ..models import build_base_model

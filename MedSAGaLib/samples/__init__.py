@@ -1,0 +1,1 @@
+"""Real labelled sample data that ships with a package on disk (nothing downloads at run time)."""
