@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from .fileio import atomic_write
 from .safety import LABELMAP_SUFFIXES, InputError, check_class_colors, check_class_names, has_suffix
+from .slices import annotated_slices  # noqa: F401 (re-exported)
 from .volume import VolumeError, check_volume, describe_geometry, geometry_difference, read_image_file, same_geometry
 
 # Label values above this are not labels (uint16 label maps end here); refused before any allocation.
@@ -167,9 +168,3 @@ def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
     for new, old in enumerate(values, start=1):
         lookup[old] = new
     return lookup[labels], values
-
-
-def annotated_slices(labels: np.ndarray, axis: int) -> list[int]:
-    """Slices along ``axis`` that hold any label."""
-    other = tuple(a for a in range(3) if a != axis)
-    return [int(i) for i in np.flatnonzero(labels.any(axis=other))]
