@@ -224,7 +224,21 @@ def save_model(path: str | Path, segmenter: ClassSegmenter, metadata: Optional[d
     state = {k: v.detach().cpu().contiguous().clone() for k, v in segmenter.state_dict().items()}
     meta["payload_sha256"] = _payload_digest(state)
     header = {"medsaga": json.dumps(meta)}
-    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
+    try:
+        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
+    except OSError as exc:
+        # The weights may be hours of training: keep them somewhere before reporting the failure.
+        from .safety import rescue_path
+
+        reason = exc.strerror or str(exc)
+        rescue = rescue_path(path)
+        try:
+            atomic_write(rescue, lambda tmp: save_file(state, tmp, metadata=header))
+        except OSError:
+            raise ModelFileError(f"Cannot write the model file {path} ({reason}), nor a copy in {rescue.parent}; "
+                                 "the model is lost.") from None
+        raise ModelFileError(f"Cannot write the model file {path} ({reason}); the model was kept at {rescue}: "
+                             "move it where you want it.") from None
 
 
 def _check_complete(path: Path) -> None:

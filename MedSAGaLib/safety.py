@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import time
 import unicodedata
@@ -207,3 +208,152 @@ def rescue_path(path: str | Path) -> Path:
     path = Path(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return rescue_folder() / f"medsaga-rescued-{stamp}-{os.getpid()}-{path.name or 'output'}"
+
+
+# ----------------------------------------------------------------------------- command requests
+BASE_MODEL_NAMES = ("litemedsam", "vit_b", "vit_l", "vit_h")
+AXIS_NAMES = ("axial", "coronal", "sagittal", "i", "j", "k", "0", "1", "2")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
+MODEL_SUFFIX = ".medsaga"
+
+
+def _number(values: dict, dest: str, flag: str, low=None, high=None, low_open=False, high_open=False) -> None:
+    value = values.get(dest)
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{flag} {value}: give a finite number.")
+    if low is not None and (value <= low if low_open else value < low):
+        raise InputError(f"{flag} {value}: must be {'above' if low_open else 'at least'} {low:g}.")
+    if high is not None and (value >= high if high_open else value > high):
+        raise InputError(f"{flag} {value}: must be {'below' if high_open else 'at most'} {high:g}.")
+
+
+def _text(values: dict, dest: str, flag: str) -> Optional[str]:
+    value = values.get(dest)
+    if value is not None and str(value).strip() == "":
+        raise InputError(f"{flag}: the value is empty; leave the option out for its default.")
+    return value
+
+
+def check_device_name(name: Optional[str], flag: str = "--device") -> None:
+    if name is not None and not _DEVICE.match(str(name).lower()):
+        raise InputError(f"{flag} {name!r}: use auto, cpu, cuda, cuda:N or mps.")
+
+
+def check_axis_name(axis: Optional[str], flag: str = "--axis") -> None:
+    if axis is not None and str(axis).lower() not in AXIS_NAMES:
+        raise InputError(f"{flag} {axis!r}: use axial, coronal, sagittal, i, j, k or 0-2.")
+
+
+def is_base_model(name) -> bool:
+    return str(name) in BASE_MODEL_NAMES
+
+
+def check_model_input(path, flag: str = "--model") -> None:
+    """A model file option names an existing regular file (the content is checked when it is read)."""
+    if path is None:
+        return
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{flag} {path}: no such model file (base models: {', '.join(BASE_MODEL_NAMES)}).")
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder, not a model file.")
+
+
+def check_request(command: str, values: dict) -> list[str]:
+    """Check a ``medsaga`` command's option values (argparse ``dest`` names) before any work.
+
+    Raises InputError naming the option; returns warnings (text) about values that will be
+    ignored. Used by the CLI before it runs a command, and by front ends before they start one.
+    """
+    notes: list[str] = []
+    for dest, flag in (("axis", "--axis"), ("slices", "--slices"), ("window", "--window"), ("device", "--device"),
+                       ("checkpoint", "--checkpoint"), ("labelmap", "--labelmap"), ("resume", "--resume"),
+                       ("boxes_from", "--boxes-from"), ("base", "--base"), ("proj_type", "--proj-type")):
+        _text(values, dest, flag)
+    check_axis_name(values.get("axis"))
+    check_device_name(values.get("device"))
+    if values.get("window") is not None:
+        from .volume import VolumeError, parse_window
+
+        try:
+            parse_window(values["window"])
+        except VolumeError as exc:
+            raise InputError(str(exc)) from None
+    if values.get("classes") is not None:
+        check_class_names(list(values["classes"]), "--classes")
+    _number(values, "threads", "--threads", 1)
+    _number(values, "batch_size", "--batch-size", 1)
+    image_size = values.get("image_size")
+    if image_size is not None and (image_size < 224 or image_size > 2048 or image_size % 16):
+        raise InputError(f"--image-size {image_size}: use a multiple of 16 from 224 to 2048.")
+    checkpoint = values.get("checkpoint")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise InputError(f"--checkpoint {checkpoint}: no such file.")
+
+    if command == "segment":
+        model = values.get("model") or "litemedsam"
+        model_file = not is_base_model(model)
+        if model_file:
+            check_model_input(model)
+            for dest, flag in (("classes", "--classes"), ("checkpoint", "--checkpoint"), ("image_size", "--image-size")):
+                if values.get(dest) is not None:
+                    raise InputError(f"{flag} applies to a base model; the model file {model} brings its own.")
+        _number(values, "box_margin", "--box-margin", 0)
+        if values.get("box_margin") and not values.get("boxes_from"):
+            notes.append("--box-margin is ignored without --boxes-from.")
+        check_outputs(
+            [Output("-o/--output", values.get("output"), SEG_SUFFIXES),
+             Output("--labelmap", values.get("labelmap"), LABELMAP_SUFFIXES)],
+            [("image", values.get("image")), ("--model", model if model_file else None),
+             ("--boxes-from", values.get("boxes_from")), ("--checkpoint", checkpoint)])
+    elif command == "finetune":
+        if values.get("slices") is not None and values.get("shots") is not None:
+            raise InputError("--slices and --shots both choose the training slices; give one of them.")
+        _number(values, "shots", "--shots", 1)
+        _number(values, "steps", "--steps", 1)
+        _number(values, "epochs", "--epochs", 0, low_open=True)
+        _number(values, "lr", "--lr", 0, 1, low_open=True)
+        _number(values, "encoder_lr", "--encoder-lr", 0, 1, low_open=True)
+        _number(values, "warmup", "--warmup", 0)
+        _number(values, "rank", "--rank", 1, 4096)
+        _number(values, "update_proj_gap", "--update-proj-gap", 1)
+        _number(values, "scale", "--scale", 0, low_open=True)
+        _number(values, "lora_rank", "--lora-rank", 1, 1024)
+        _number(values, "train_stages", "--train-stages", 0, 64)
+        _number(values, "val_fraction", "--val-fraction", 0, 1, high_open=True)
+        _number(values, "max_val_slices", "--max-val-slices", 0)
+        if values.get("resume") is not None:
+            check_model_input(values["resume"], "--resume")
+        check_outputs(
+            [Output("-o/--output", values.get("output"),
+                    refuse_suffixes=IMAGE_SUFFIXES + SEG_SUFFIXES + (".seg.nrrd", ".pth", ".pt", ".safetensors"))],
+            [("--image", values.get("image")), ("--labels", values.get("labels")),
+             ("--resume", values.get("resume")), ("--checkpoint", checkpoint)])
+    elif command == "evaluate":
+        check_model_input(values.get("model"), "--model")
+    elif command == "info":
+        check_model_input(values.get("model"), "model")
+    for dest, flag in (("image", "--image" if command != "segment" else "image"), ("labels", "--labels"),
+                       ("boxes_from", "--boxes-from")):
+        if values.get(dest) is not None and not Path(values[dest]).exists():
+            raise InputError(f"{flag} {values[dest]}: no such file or folder.")
+    return notes
+
+
+def join_negative_values(argv: Sequence[str], options: Sequence[str] = ("--window",)) -> list[str]:
+    """``--window -600,1500`` -> ``--window=-600,1500``: argparse takes a value starting with '-' for an option."""
+    out: list[str] = []
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in options and i + 1 < len(words) and words[i + 1].startswith("-") and len(words[i + 1]) > 1 \
+                and (words[i + 1][1].isdigit() or words[i + 1][1] == "."):
+            out.append(f"{word}={words[i + 1]}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out

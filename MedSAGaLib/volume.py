@@ -253,6 +253,7 @@ def normalize_intensity(
     """Intensities -> [0, 1]: a CT window (centre, width), or volume-wide percentiles for MR."""
     check_intensities(array)
     if window is not None:
+        check_window_hits(array, preprocessing_settings(window))
         low, high = window[0] - window[1] / 2.0, window[0] + window[1] / 2.0
     else:
         low, high = np.percentile(array, percentiles)
