@@ -34,6 +34,8 @@ def _nifti_layout(head: bytes, path: Path) -> tuple[int, int, Optional[str]]:
     """(voxel data offset, voxel data bytes, float dtype or None) from a NIfTI-1/2 header."""
     import struct
 
+    if len(head) < 348:
+        raise VolumeError(f"Cannot read image {path}: it is {len(head)} bytes long, shorter than a NIfTI header.")
     for order in "<>":
         size = struct.unpack(order + "i", head[:4])[0]
         if size == 348 and len(head) >= 348:
