@@ -37,7 +37,11 @@ class InputError(ValueError):
 
 # ----------------------------------------------------------------------------- names and colours
 def check_class_name(name, where: str = "class name") -> str:
-    """A class name that survives a NRRD header and a Slicer segment: returned unchanged, or InputError."""
+    """A class name that survives a NRRD header and a Slicer segment: returned unchanged, or InputError.
+
+    One line of printable ASCII (pynrrd, which slicerio writes with, encodes headers as ASCII),
+    no surrounding white space, no ':=' (the NRRD key/value separator), at most 128 characters.
+    """
     if not isinstance(name, str):
         raise InputError(f"{where}: {name!r} is not text.")
     if not name:
@@ -52,6 +56,11 @@ def check_class_name(name, where: str = "class name") -> str:
             raise InputError(
                 f"{where}: class name {name!r} holds the control character U+{ord(char):04X}; "
                 "names must be printable text on one line.")
+    for char in name:
+        if not " " <= char <= "~":
+            raise InputError(
+                f"{where}: class name {name!r} holds {char!r} (U+{ord(char):04X}); a .seg.nrrd header holds "
+                "ASCII text only (letters a-z, digits, spaces, punctuation).")
     if ":=" in name:
         raise InputError(f"{where}: class name {name!r} holds ':=', which separates keys from values in a NRRD header.")
     return name
@@ -268,6 +277,8 @@ def check_request(command: str, values: dict) -> list[str]:
     ignored. Used by the CLI before it runs a command, and by front ends before they start one.
     """
     notes: list[str] = []
+    if command not in ("segment", "finetune", "evaluate", "info"):
+        return notes  # bench checks its own options
     for dest, flag in (("axis", "--axis"), ("slices", "--slices"), ("window", "--window"), ("device", "--device"),
                        ("checkpoint", "--checkpoint"), ("labelmap", "--labelmap"), ("resume", "--resume"),
                        ("boxes_from", "--boxes-from"), ("base", "--base"), ("proj_type", "--proj-type")):

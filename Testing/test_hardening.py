@@ -395,6 +395,7 @@ CASES = [
     ("seg-classes-duplicate", BASE_SEG + ["--classes", "a", "a"], "given twice"),
     ("seg-classes-blank", BASE_SEG + ["--classes", " a"], "white space"),
     ("seg-classes-bidi", BASE_SEG + ["--classes", "liver\u202eevil"], "control character"),
+    ("seg-classes-non-ascii", BASE_SEG + ["--classes", "Leber \u00fc"], "ASCII text only"),
     ("seg-base-no-classes", ["segment", "{img}", "--model", "litemedsam", "-o", "{out}"], "is a base model"),
     ("seg-checkpoint-missing", ["segment", "{img}", "--model", "vit_b", "--checkpoint", "{d}/none.pth",
                                 "--classes", "a", "-o", "{out}"], "--checkpoint"),
