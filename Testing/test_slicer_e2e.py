@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "MedSAGaSlicer", "MedSAGa"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import MedSAGaBridge as bridge  # noqa: E402
+from MedSAGaBridgeLib import BridgeError, ClassMismatchError, geometry, jobs, prompts, propagation, segments  # noqa: E402
 from test_slicer_bridge import add_segmentation, add_volume, make_scene, paint  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -41,37 +41,37 @@ def painted_scene(shape=(6, 48, 48), class_names=CLASSES, annotated=ANNOTATED):
 
 
 def segment_and_check(vol, seg, ids, drawn, model_path, workdir, class_names=CLASSES):
-    ann = bridge.class_labels(seg, vol)
+    ann = segments.class_labels(seg, vol)
     assert ann.slices == ANNOTATED and ann.axis == 0
-    before = [bridge.segment_array(seg, sid, vol) for sid in ids]
+    before = [segments.segment_array(seg, sid, vol) for sid in ids]
     todo = [s for s in range(drawn.shape[0]) if s not in ann.slices]
-    job, labelmap = bridge.start_segment(vol, model_path, str(workdir), axis=ann.axis, slices=todo,
+    job, labelmap = jobs.start_segment(vol, model_path, str(workdir), axis=ann.axis, slices=todo,
                                          device="cpu", threads=1)
     assert job.wait(600) == "done", job.error_text(30)
-    names, _, _ = bridge.model_summary(model_path)
+    names, _, _ = jobs.model_summary(model_path)
     assert names == class_names
-    undo = bridge.UndoHistory(seg, vol)
+    undo = segments.EditSession(seg, vol)
     bridge.apply_segment_result(seg, vol, labelmap, names, ann.axis, ann.slices, undo=undo)
-    assert [n for _, n in bridge.segments(seg)] == class_names  # k segments, no extra ones
-    after = bridge.class_labels(seg, vol, axis=0).labels
+    assert [n for _, n in segments.segments(seg)] == class_names  # k segments, no extra ones
+    after = segments.class_labels(seg, vol, axis=0).labels
     for s in ANNOTATED:
         assert np.array_equal(after[s], drawn[s]), f"annotated slice {s} changed"
-    predicted = bridge.read_labels(labelmap, vol)
+    predicted = jobs.read_labels(labelmap, vol)
     assert np.array_equal(after[todo], predicted[todo])
     undo.undo()
     for sid, b in zip(ids, before):
-        assert np.array_equal(bridge.segment_array(seg, sid, vol), b)
+        assert np.array_equal(segments.segment_array(seg, sid, vol), b)
     return after
 
 
 def test_segment_volume_in_background_process(tmp_path, tiny_model_file):
     """The segment half, with the engine tests' untrained 2-class model file (tiny ViT, fast)."""
-    names, _, _ = bridge.model_summary(str(tiny_model_file))
+    names, _, _ = jobs.model_summary(str(tiny_model_file))
     scene, vol, seg, ids, truth, drawn = painted_scene(class_names=names)
     segment_and_check(vol, seg, ids, drawn, str(tiny_model_file), tmp_path, class_names=names)
     # a model whose classes do not match the segments: a clear error, nothing written
     seg.GetSegmentation().GetSegment(ids[1]).SetName("liver")
-    with pytest.raises(bridge.ClassMismatchError, match="no segment named"):
+    with pytest.raises(ClassMismatchError, match="no segment named"):
         bridge.apply_segment_result(seg, vol, str(tmp_path / "result-labels.nrrd"), names, 0, ANNOTATED)
 
 
@@ -81,7 +81,7 @@ def test_finetune_then_segment_through_the_bridge(tmp_path, tiny_vit_checkpoint)
     """GaLore (the default method) on the engine tests' tiny vit_b-format checkpoint: fast on a CPU."""
     scene, vol, seg, ids, truth, drawn = painted_scene()
     model_path = str(tmp_path / "adapted.medsaga")
-    job, inputs = bridge.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=2,
+    job, inputs = jobs.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=2,
                                         base="vit_b", checkpoint=str(tiny_vit_checkpoint), image_size=224,
                                         method="galore", rank=4, device="cpu", threads=1)
     assert inputs.slices == ANNOTATED
@@ -96,7 +96,7 @@ def test_finetune_then_segment_through_the_bridge(tmp_path, tiny_vit_checkpoint)
     assert job.records[-1].get("event") == "done"
     assert all(bridge.progress_text(r) for r in job.records)
     assert os.path.isfile(model_path)
-    text = bridge.describe_model(model_path)
+    text = jobs.describe_model(model_path)
     assert "Classes: outer, inner" in text and "galore, 2 steps" in text and "vit_b" in text
     segment_and_check(vol, seg, ids, drawn, model_path, tmp_path)
 
@@ -109,20 +109,20 @@ def test_effect_segments_current_slice_and_all_slices_in_process(tiny_model_file
     segmenter = load_model(str(tiny_model_file)).eval()
     names = list(segmenter.class_names)
     scene, vol, seg, ids, truth, drawn = painted_scene(class_names=names)
-    undo = bridge.UndoHistory(seg, vol)
+    undo = segments.EditSession(seg, vol)
     assert bridge.segment_with_model(seg, vol, segmenter, 0, ANNOTATED[0], undo=undo) == ([], {})
     slices, written = bridge.segment_with_model(seg, vol, segmenter, 0, 2, undo=undo)
     assert slices == [2] and sorted(written) == sorted(names)
     slices, _ = bridge.segment_with_model(seg, vol, segmenter, undo=undo)
     assert slices == [0, 2, 3, 5]
-    after = bridge.class_labels(seg, vol, axis=0).labels
+    after = segments.class_labels(seg, vol, axis=0).labels
     for s in ANNOTATED:
         assert np.array_equal(after[s], drawn[s])
     undo.undo()
     undo.undo()
-    assert np.array_equal(bridge.class_labels(seg, vol, axis=0).labels, drawn)
+    assert np.array_equal(segments.class_labels(seg, vol, axis=0).labels, drawn)
     seg.GetSegmentation().GetSegment(ids[0]).SetName("liver")
-    with pytest.raises(bridge.ClassMismatchError):
+    with pytest.raises(ClassMismatchError):
         bridge.segment_with_model(seg, vol, segmenter, undo=undo)
 
 
@@ -137,34 +137,34 @@ def test_effect_box_prompt_and_propagation_with_litemedsam():
     stroke[1] = truth[1] == 2
     paint(seg, inner, vol, stroke)  # only slice 1 painted for this segment
     base = build_base_model("litemedsam").eval()
-    predict = bridge.box_predictor(vol, base)
-    array01 = bridge.normalized_array(vol)
-    undo = bridge.UndoHistory(seg, vol)
+    predict = prompts.box_predictor(vol, base)
+    array01 = prompts.normalized_array(vol)
+    undo = segments.EditSession(seg, vol)
     saved = []
-    written = bridge.box_prompt(seg, vol, inner, predict, array01, 0, 1, margin=2, undo=undo,
+    written = prompts.box_prompt(seg, vol, inner, predict, array01, 0, 1, margin=2, undo=undo,
                                 before_write=lambda: saved.append(1))
     assert written == [1] and saved == [1]
-    mask = bridge.segment_array(seg, inner, vol)[1].astype(bool)
+    mask = segments.segment_array(seg, inner, vol)[1].astype(bool)
     target = truth[1] == 2
     dice = 2 * (mask & target).sum() / (mask.sum() + target.sum())
     assert dice > 0.6, dice
-    written = bridge.box_prompt(seg, vol, inner, predict, array01, 0, 1, propagate_slices=1,
+    written = prompts.box_prompt(seg, vol, inner, predict, array01, 0, 1, propagate_slices=1,
                                 margin=2, undo=undo)
     assert written == [0, 2]  # slice 1 already holds the segment: kept
-    result = bridge.segment_array(seg, inner, vol).astype(bool)
+    result = segments.segment_array(seg, inner, vol).astype(bool)
     assert result[0].any() and result[2].any() and not result[3].any()
     undo.undo()
-    assert np.array_equal(bridge.segment_array(seg, inner, vol).astype(bool), np.stack(
+    assert np.array_equal(segments.segment_array(seg, inner, vol).astype(bool), np.stack(
         [np.zeros_like(mask), mask, np.zeros_like(mask), np.zeros_like(mask)]))
-    with pytest.raises(bridge.BridgeError, match="empty on slice 3"):
-        bridge.box_prompt(seg, vol, inner, predict, array01, 0, 3)
+    with pytest.raises(BridgeError, match="empty on slice 3"):
+        prompts.box_prompt(seg, vol, inner, predict, array01, 0, 3)
 
 
 def test_cancel_keeps_the_last_good_model(tmp_path, tiny_vit_checkpoint):
     import time
     scene, vol, seg, ids, truth, drawn = painted_scene()
     model_path = str(tmp_path / "cancelled.medsaga")
-    job, _ = bridge.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=500,
+    job, _ = jobs.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=500,
                                    base="vit_b", checkpoint=str(tiny_vit_checkpoint), image_size=224,
                                    method="galore", rank=4, device="cpu", threads=1)
     deadline = time.time() + 300
@@ -177,5 +177,5 @@ def test_cancel_keeps_the_last_good_model(tmp_path, tiny_vit_checkpoint):
     assert job.wait(300) == "cancelled"
     done = job.records[-1]
     assert done.get("event") == "done" and done.get("stopped") and done["steps"] < 500
-    names, _, meta = bridge.model_summary(model_path)
+    names, _, meta = jobs.model_summary(model_path)
     assert names == CLASSES
