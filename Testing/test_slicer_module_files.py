@@ -228,3 +228,23 @@ def test_panel_defaults_match_the_trainer():
     pairs = {"method": "method", "rank": "rank", "updateProjGap": "update_proj_gap", "scale": "scale",
              "learningRate": "lr", "steps": "steps"}
     assert {k: defaults[k] for k in pairs} == {k: getattr(trainer, v) for k, v in pairs.items()}
+
+
+def test_install_question_is_never_asked_under_a_busy_cursor():
+    """installDependencies asks the user first; no caller may wrap it in a wait cursor."""
+    effect = os.path.join(SLICER_DIR, "SegmentEditorMedSAGa", "SegmentEditorMedSAGaLib", "SegmentEditorEffect.py")
+    calls = 0
+    for path in (WIDGET_FILE, effect):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.With):
+                continue
+            busy = any(isinstance(item.context_expr, ast.Call) and (
+                any(k.arg == "waitCursor" and getattr(k.value, "value", False) for k in item.context_expr.keywords)
+                or getattr(item.context_expr.func, "attr", "") == "WaitCursor") for item in node.items)
+            inner = [n for n in ast.walk(node) if isinstance(n, ast.Call)
+                     and getattr(n.func, "attr", getattr(n.func, "id", "")) == "installDependencies"]
+            assert not (busy and inner), f"{path}:{node.lineno} asks about installing under a busy cursor"
+        calls += sum(1 for n in ast.walk(tree) if isinstance(n, ast.Call)
+                     and getattr(n.func, "attr", getattr(n.func, "id", "")) == "installDependencies")
+    assert calls >= 3

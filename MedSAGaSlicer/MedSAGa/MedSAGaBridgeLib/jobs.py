@@ -301,6 +301,14 @@ def new_workdir(parent=None):
     return tempfile.mkdtemp(prefix="medsaga-", dir=parent)
 
 
+def ensure_workdir(workdir=None):
+    """``workdir`` (created when missing), or a new folder in the temporary folder."""
+    if not workdir:
+        return new_workdir()
+    os.makedirs(workdir, exist_ok=True)
+    return workdir
+
+
 # ------------------------------------------------------------------- jobs bound to their nodes
 
 @dataclass
@@ -414,7 +422,7 @@ def start_finetune(volume_node, segmentation_node, model_path, workdir=None, axi
                    segment_ids=None, threads=None, env=None, python=None, **options):
     """Write the inputs and start ``medsaga finetune`` in the background. Returns a BoundJob
     (``.context['inputs']``: the FinetuneInputs)."""
-    workdir = workdir or new_workdir()
+    workdir = ensure_workdir(workdir)
     inputs = prepare_finetune(volume_node, segmentation_node, workdir, axis, slices, segment_ids)
     job = Job("MedSAGaLib.cli", finetune_args(inputs, model_path, threads=threads, **options), workdir, env=env,
               threads=threads, python=python)
@@ -437,11 +445,11 @@ def start_segment(volume_node, segmentation_node, model_path, class_names, annot
     the model's classes have no segments."""
     from MedSAGaLib.commands import segment_argv
     segments_for_classes(segmentation_node, class_names)
-    workdir = workdir or new_workdir()
+    workdir = ensure_workdir(workdir)
     image = write_volume(volume_node, os.path.join(workdir, "image.nrrd"))
     labelmap = os.path.join(workdir, "result-labels.nrrd")
     args = segment_argv(image, model_path, os.path.join(workdir, "result.seg.nrrd"), labelmap=labelmap,
-                        axis=annotations.axis, slices=slices, device=device, threads=threads)
+                        axis=annotations.axis, slices=slices, device=device)  # threads: the job's environment
     job = Job("MedSAGaLib.cli", args, workdir, env=env, threads=threads, grace=2.0, python=python)
     return BoundJob(job, "segment", volume_node, segmentation_node, masking=masking, labelmap=labelmap,
                     class_names=list(class_names), axis=annotations.axis, annotated=list(annotations.slices),

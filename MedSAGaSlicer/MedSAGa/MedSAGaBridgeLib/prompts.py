@@ -10,7 +10,7 @@ from MedSAGaLib.slices import bounding_box, get_slice
 
 from . import BridgeError
 from .geometry import volume_array
-from .jobs import BoundJob, Job, new_workdir, write_volume
+from .jobs import BoundJob, Job, ensure_workdir, write_volume
 from .segments import apply_prediction, class_labels, segment_array, segments_for_classes, write_segment_slices
 
 
@@ -74,7 +74,7 @@ def start_propagation(segmentation_node, volume_node, segment_id, axis, index, b
                       masking=None):
     """Propagate a box prompt slice by slice in a background job (``propagation.main``)."""
     box = prompt_box(segmentation_node, volume_node, segment_id, axis, index, box, margin)
-    workdir = workdir or new_workdir()
+    workdir = ensure_workdir(workdir)
     image = write_volume(volume_node, os.path.join(workdir, "image.nrrd"))
     result = os.path.join(workdir, "propagation.npz")
     args = [image, "--base", base, "--axis", axis, "--slice", index, "--box", ",".join(f"{v:g}" for v in box),
