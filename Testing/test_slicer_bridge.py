@@ -452,6 +452,18 @@ def test_signalling_the_launcher_alone_would_orphan_the_child(tmp_path):
     assert not alive(child)
 
 
+def test_jobs_run_with_pythonslicer_inside_slicer(tmp_path):
+    for app, launcher in (("bin/SlicerApp-real", "bin/PythonSlicer"),  # Linux, Windows (.exe alike)
+                          ("Contents/MacOS/Slicer", "Contents/bin/PythonSlicer")):  # macOS bundle
+        root = tmp_path / app.split("/")[0]
+        for name in (app, launcher):
+            path = tmp_path / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+        assert jobs.python_executable(str(tmp_path / app)) == str(tmp_path / launcher), root
+    assert jobs.python_executable() == sys.executable  # outside Slicer: this interpreter
+
+
 def test_popen_options_hide_the_console_on_windows():
     nt = jobs.popen_options("nt")
     assert nt["creationflags"] & jobs.CREATE_NO_WINDOW and nt["creationflags"] & jobs.CREATE_NEW_PROCESS_GROUP

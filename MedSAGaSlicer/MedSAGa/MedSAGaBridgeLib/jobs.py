@@ -47,13 +47,14 @@ def library_parent():
     return None
 
 
-def python_executable():
-    """The Python to run jobs with: Slicer's PythonSlicer inside Slicer, else this interpreter."""
-    exe = sys.executable
+def python_executable(executable=None):
+    """The Python to run jobs with: Slicer's PythonSlicer inside Slicer (``sys.executable`` is then
+    the application, e.g. bin/SlicerApp-real), else this interpreter."""
+    exe = executable or sys.executable
     folder, base = os.path.dirname(exe), os.path.basename(exe).lower()
     if base.startswith("slicer") or base.startswith("python-real"):
         for name in ("PythonSlicer.exe", "PythonSlicer"):
-            for where in (folder, os.path.dirname(folder)):
+            for where in (folder, os.path.dirname(folder), os.path.join(os.path.dirname(folder), "bin")):
                 candidate = os.path.join(where, name)
                 if os.path.isfile(candidate):
                     return candidate
