@@ -248,3 +248,23 @@ def test_install_question_is_never_asked_under_a_busy_cursor():
         calls += sum(1 for n in ast.walk(tree) if isinstance(n, ast.Call)
                      and getattr(n.func, "attr", getattr(n.func, "id", "")) == "installDependencies")
     assert calls >= 3
+
+
+def test_effect_uses_slicers_python_helpers_and_stores_its_options():
+    """Checked against Slicer's source (v5.10/v5.12), since the effect cannot run here: the C++
+    ``scriptedEffect.xyToRas`` takes a QPoint and returns a QVector3D, so a tuple must go through the
+    Python helper ``AbstractScriptedSegmentEditorEffect.xyToRas``; the options reach the effect's
+    parameters (updateMRMLFromGUI connected); reading the module's last model creates no node; whole
+    volumes and propagation run as background jobs, never on the GUI thread."""
+    effect = os.path.join(SLICER_DIR, "SegmentEditorMedSAGa", "SegmentEditorMedSAGaLib", "SegmentEditorEffect.py")
+    text = open(effect, encoding="utf-8").read()
+    tree = ast.parse(text)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    xy = [c for c in calls if c.func.attr == "xyToRas"]
+    assert xy and all(ast.unparse(c.func.value) == "self" for c in xy)
+    connected = [c for c in calls if c.func.attr == "connect" and len(c.args) == 2
+                 and ast.unparse(c.args[1]) == "self.updateMRMLFromGUI"]
+    assert len(connected) >= 4
+    assert "getParameterNode" not in text and "GetSingletonNode" in text
+    assert "start_segment(" in text and "start_propagation(" in text and "segment_volume" not in text
+    assert "SetBinaryLabelmapToSegment" not in text and "EditSession" in text

@@ -49,6 +49,8 @@ DRIVER = textwrap.dedent(r"""
                                            volumes=types.SimpleNamespace(logic=lambda: volumes))
     slicer.app = types.SimpleNamespace(temporaryPath=tempfile.mkdtemp(), applicationVersion="5.10.0",
                                        testingEnabled=lambda: True)
+    import os
+    slicer.util.startupEnvironment = lambda: dict(os.environ)  # the application's, without launcher settings
     import MedSAGa
     result = unittest.TextTestRunner(verbosity=2).run(unittest.TestSuite(
         [MedSAGa.MedSAGaTest(name) for name in NAMES]))
