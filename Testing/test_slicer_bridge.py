@@ -1,5 +1,4 @@
 """MedSAGaBridge against real MRML (slicer-core): no mocks of the scene or the nodes."""
-import json
 import math
 import os
 import sys
@@ -14,7 +13,7 @@ from vtk.util import numpy_support  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "MedSAGaSlicer", "MedSAGa"))
-from MedSAGaBridgeLib import BridgeError, ClassMismatchError, geometry, jobs, prompts, propagation, segments  # noqa: E402
+from MedSAGaBridgeLib import BridgeError, ClassMismatchError, geometry, jobs, propagation, segments  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ helpers

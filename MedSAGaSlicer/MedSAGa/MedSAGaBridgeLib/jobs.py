@@ -26,7 +26,7 @@ from MedSAGaLib.slices import slice_view
 
 from . import BridgeError
 from .geometry import ijk_to_ras, volume_array, volume_shape
-from .segments import Annotations, apply_prediction, class_labels, segments_for_classes, write_segment_slices
+from .segments import Annotations, apply_prediction, class_labels, segments_for_classes
 
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds MedSAGaBridgeLib
 
