@@ -129,6 +129,7 @@ def test_job_result_goes_to_the_nodes_it_was_started_with(tmp_path):
     assert segments.segment_array(seg, ids[0], vol)[1:3].all()
     assert not segments.segment_array(other_seg, other_ids[0], other_vol).any()
     assert not workdir.exists()  # the work folder (a copy of the volume) is gone
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == 0  # no hidden node left behind
 
 
 def test_job_result_is_discarded_when_its_nodes_are_gone(tmp_path):

@@ -134,6 +134,7 @@ def test_sources_parse_on_the_python_slicer_ships():
     for path in python_files() + library:
         ast.parse(open(path, encoding="utf-8").read(), path, feature_version=support.MINIMUM_PYTHON)
     first_read = [WIDGET_FILE, os.path.join(SLICER_DIR, "SegmentEditorMedSAGa", "SegmentEditorMedSAGa.py"),
+                  os.path.join(SLICER_DIR, "SegmentEditorMedSAGa", "SegmentEditorMedSAGaLib", "SegmentEditorEffect.py"),
                   os.path.join(MODULE_DIR, "MedSAGaBridgeLib", "__init__.py"),
                   os.path.join(MODULE_DIR, "MedSAGaBridgeLib", "support.py")]
     for path in first_read:

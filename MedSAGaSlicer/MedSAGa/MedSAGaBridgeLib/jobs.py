@@ -371,25 +371,34 @@ class BoundJob:
             if volume is None or segmentation is None:
                 return Outcome("discarded", "The result was discarded: the volume or segmentation it was computed "
                                             "for is no longer in the scene.")
-            make_session = make_session or (lambda seg, vol, masking: EditSession(seg, vol, masking))
-            session = make_session(segmentation, volume, self.masking)
-            if self.kind == "segment":
-                prediction = read_labels(self.context["labelmap"], volume)
-                written = apply_prediction(segmentation, volume, prediction, self.context["class_names"],
-                                           self.context["axis"], protected_slices=self.context["annotated"],
-                                           slices=self.context.get("slices"), session=session)
-                return Outcome("done", "Segmented: " + ", ".join(f"{k} {v} voxels" for k, v in written.items())
-                               + ". Annotated slices kept as drawn.", written=written)
-            if self.kind == "propagate":
-                from .prompts import apply_propagation
-                written = apply_propagation(segmentation, volume, self.context["segment_id"],
-                                            self.context["result"], self.context["axis"], session=session)
-                return Outcome("done", f"Propagated to slice(s) {', '.join(map(str, written))}." if written
-                               else "Nothing to add: every reached slice already holds the segment.",
-                               written={"slices": written})
-            raise BridgeError(f"Unknown job kind {self.kind!r}")
+            own = make_session is None  # a session made here is closed here (its hidden editor node goes)
+            session = (make_session or (lambda seg, vol, masking: EditSession(seg, vol, masking)))(
+                segmentation, volume, self.masking)
+            try:
+                return self._apply(volume, segmentation, session)
+            finally:
+                if own:
+                    session.close()
         finally:
             self.job.cleanup()
+
+    def _apply(self, volume, segmentation, session):
+        """Write a segment or propagation result through ``session``."""
+        if self.kind == "segment":
+            prediction = read_labels(self.context["labelmap"], volume)
+            written = apply_prediction(segmentation, volume, prediction, self.context["class_names"],
+                                       self.context["axis"], protected_slices=self.context["annotated"],
+                                       slices=self.context.get("slices"), session=session)
+            return Outcome("done", "Segmented: " + ", ".join(f"{k} {v} voxels" for k, v in written.items())
+                           + ". Annotated slices kept as drawn.", written=written)
+        if self.kind == "propagate":
+            from .prompts import apply_propagation
+            written = apply_propagation(segmentation, volume, self.context["segment_id"],
+                                        self.context["result"], self.context["axis"], session=session)
+            return Outcome("done", f"Propagated to slice(s) {', '.join(map(str, written))}." if written
+                           else "Nothing to add: every reached slice already holds the segment.",
+                           written={"slices": written})
+        raise BridgeError(f"Unknown job kind {self.kind!r}")
 
 
 # --------------------------------------------------------------------------- starting jobs
