@@ -505,6 +505,18 @@ def test_view_geometry_for_the_effect(directions):
     assert geometry.box_from_ras(vol, 1, ras(3, 4, 2), ras(6, 4, 5)) == (3, 2, 7, 6)
     assert geometry.box_from_ras(vol, 2, ras(1, 4, 2), ras(1, 7, 5)) == (4, 2, 8, 6)
     assert geometry.box_from_ras(vol, 0, ras(-30, -30, 5), ras(100, 100, 5)) == (0, 0, 20, 24)
+    # a slice view's SliceToRAS (columns: view x, view y, normal, centre) -> the slice it shows
+    for axis, index in ((0, 7), (1, 3), (2, 13)):
+        view = np.eye(4)
+        others = [a for a in range(3) if a != axis]
+        view[:3, 0], view[:3, 1] = m[:3, 2 - others[1]], m[:3, 2 - others[0]]
+        view[:3, 2] = -m[:3, 2 - axis]
+        centre = [5, 4, 3]
+        centre[2 - axis] = index
+        view[:3, 3] = ras(*centre)
+        assert geometry.view_slice(vol, view) == (axis, index)
+    view[:3, 3] = ras(500, 4, 3)
+    assert geometry.view_slice(vol, view) == (2, None)
 
 
 def test_model_output_is_not_mistaken_for_annotations():
