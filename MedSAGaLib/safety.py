@@ -349,7 +349,7 @@ def check_request(command: str, values: dict) -> list[str]:
     for dest, flag in (("image", "--image" if command != "segment" else "image"), ("labels", "--labels"),
                        ("boxes_from", "--boxes-from")):
         if values.get(dest) is not None and not Path(values[dest]).exists():
-            raise InputError(f"{flag} {values[dest]}: no such file or folder.")
+            raise InputError(f"{flag} {values[dest]}: No such file or folder.")
     return notes
 
 

@@ -638,3 +638,14 @@ def test_segment_replaces_an_existing_output_whole_keeping_its_mode(world, tmp_p
     assert slicerio.read_segmentation(str(out))["voxels"].shape[-3:] == (24, 20, 6)
     assert sitk.ReadImage(str(labelmap)).GetSize() == (24, 20, 6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.nii.gz", "shared.seg.nrrd"]
+
+
+def test_window_words_mean_what_they_say():
+    """'percentile' is percentiles even for a model trained with a window; 'auto' is the model's own."""
+    from MedSAGaLib.workflow import preprocessing_for
+
+    windowed = {"preprocessing": {"intensity": "window", "window": [40.0, 400.0]}}
+    assert preprocessing_for("percentile", windowed)["intensity"] == "percentile"
+    assert preprocessing_for("auto", windowed) == windowed["preprocessing"]
+    assert preprocessing_for(None, windowed) == windowed["preprocessing"]
+    assert preprocessing_for("ct-lung", windowed) == {"intensity": "window", "window": [-600.0, 1500.0]}

@@ -202,25 +202,8 @@ def _wait_for_event(proc: subprocess.Popen, kind: str, timeout: float = 120) -> 
     raise AssertionError(f"no {kind} event; saw {seen[-3:]}; stderr {proc.stderr.read()[-2000:]}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])  # SIGINT goes through the same StopFlag handler
-def test_signal_during_training_stops_and_keeps_the_model(task, tiny_vit_checkpoint, tmp_path, sig):
-    from MedSAGaLib.modelfile import read_metadata
-
-    out = tmp_path / "m.medsaga"
-    proc = _finetune(task, tiny_vit_checkpoint, out)
-    try:
-        _wait_for_event(proc, "step")
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr
-    meta = read_metadata(out)  # a whole, valid model file
-    assert meta["training"]
-    done = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    assert done and done[-1].get("event") == "done" and done[-1]["steps"] < 400, done[-1:]
-    assert _parts(tmp_path) == []
+# SIGTERM/SIGINT during training: test_cli_train.py::test_sigterm_stops_cleanly_and_writes_the_model
+# (the StopFlag handler stops after the step and writes the best model whole).
 
 
 def test_sigterm_before_training_leaves_nothing(task, tiny_vit_checkpoint, tmp_path):
