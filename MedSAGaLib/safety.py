@@ -252,7 +252,8 @@ def check_device_name(name: Optional[str], flag: str = "--device") -> None:
 
 def check_axis_name(axis: Optional[str], flag: str = "--axis") -> None:
     if axis is not None and str(axis).lower() not in AXIS_NAMES:
-        raise InputError(f"{flag} {axis!r}: use axial, coronal, sagittal, i, j, k or 0-2.")
+        what = "is out of range" if str(axis).lstrip("-").isdigit() else "is not a slice axis"
+        raise InputError(f"{flag} {axis!r} {what}: use axial, coronal, sagittal, i, j, k or 0-2.")
 
 
 def is_base_model(name) -> bool:
