@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .commands import SEGMENT_OPTIONS, add_options
+from .commands import SEGMENT_OPTIONS, add_command
 from .models import ModelError
 from .modelfile import ModelFileError
 from .safety import InputError
@@ -19,11 +19,8 @@ USER_ERRORS = (VolumeError, ModelFileError, ModelError, InputError, ValueError, 
 
 
 def add_segment_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "segment", help="segment a volume slice by slice",
-        description="Segment every slice (or --slices) of a volume with an adapted model, or with box prompts.")
-    add_options(parser, SEGMENT_OPTIONS)
-    parser.set_defaults(func=run_segment)
+    add_command(subparsers, "segment", SEGMENT_OPTIONS, run_segment, help="segment a volume slice by slice",
+                description="Segment every slice (or --slices) of a volume with an adapted model, or with box prompts.")
 
 
 def run_segment(args) -> int:

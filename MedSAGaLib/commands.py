@@ -168,6 +168,14 @@ SEGMENT_OPTIONS = (
 )
 
 
+def add_command(subparsers, name: str, options: Sequence[Option], func, help: str, description: str):
+    """A sub-command parser with ``options`` that runs ``func(args)``."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_options(parser, options)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def add_options(parser, options: Sequence[Option]) -> None:
     """Add ``options`` to an argparse parser (mutually exclusive groups as declared)."""
     groups: dict = {}

@@ -121,7 +121,7 @@ def _read_seg_nrrd(path: Path, reference: sitk.Image) -> tuple[np.ndarray, list[
     return labels_ijk.transpose(2, 1, 0).copy(), names, colors
 
 
-def read_labels(
+def read_class_labels(
     path: str | Path, reference: sitk.Image
 ) -> tuple[np.ndarray, list[str], list]:
     """A label volume or .seg.nrrd on the reference grid -> ((z, y, x) uint8 labels 0..k, names, colours).

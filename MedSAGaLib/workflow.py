@@ -65,7 +65,7 @@ def load_task(image: ImageInput, labels: Union[str, Path, sitk.Image], axis: Opt
               classes: Optional[Sequence[str]] = None) -> Task:
     """Read an image and its label volume or .seg.nrrd (paths or SimpleITK images), apply a class choice
     (``classes``: see :func:`~MedSAGaLib.slices.select_classes`) and resolve the slice axis."""
-    from .segio import compact_labels, read_labels
+    from .segio import compact_labels, read_class_labels
 
     sitk_image, image_source = _image(image)
     if isinstance(labels, sitk.Image):
@@ -73,7 +73,7 @@ def load_task(image: ImageInput, labels: Union[str, Path, sitk.Image], axis: Opt
         label_array, names, colors = values, [f"label_{v}" for v in kept], [None] * len(kept)
         labels_source = "in memory"
     else:
-        label_array, names, colors = read_labels(labels, sitk_image)
+        label_array, names, colors = read_class_labels(labels, sitk_image)
         labels_source = str(labels)
     label_array, names, colors = select_classes(label_array, names, colors, list(classes) if classes else None)
     axis_name = axis or "axial"
@@ -373,7 +373,7 @@ def segment_file(
     """
     from .inference import resolve_device, segment_volume, segment_with_boxes
     from .modelfile import is_model_file, load_model
-    from .segio import read_labels, write_labelmap, write_seg_nrrd
+    from .segio import read_class_labels, write_labelmap, write_seg_nrrd
 
     if not str(output).lower().endswith(".seg.nrrd"):
         raise ValueError(f"Output {output} must end in .seg.nrrd (use --labelmap for a plain label volume).")
@@ -387,7 +387,7 @@ def segment_file(
     if boxes_from:
         if hasattr(model, "class_names") or is_model_file(model):
             raise ValueError("--boxes-from prompts a base model; give --model litemedsam or vit_b/vit_l/vit_h with --checkpoint.")
-        box_labels, names, colors = read_labels(boxes_from, sitk_image)
+        box_labels, names, colors = read_class_labels(boxes_from, sitk_image)
     elif hasattr(model, "class_names"):  # a segmenter in memory (the demo, the Slicer panel)
         segmenter = model
     else:
