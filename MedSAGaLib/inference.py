@@ -12,7 +12,7 @@ from .backends import make_runner
 from .head import ClassSegmenter
 from .models import BaseSam
 from .preprocess import SliceTransform
-from .volume import get_slice
+from .slices import bounding_box, get_slice  # noqa: F401 (bounding_box re-exported)
 
 Progress = Union[bool, Callable[[int, int], None], None]
 
@@ -112,21 +112,6 @@ def segment_volume(
     return labels
 
 
-def bounding_box(mask: np.ndarray, margin: int = 0) -> Optional[list[float]]:
-    """(x0, y0, x1, y1) of a 2-D mask's foreground, grown by ``margin`` pixels; None when empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    height, width = mask.shape
-    return [
-        float(max(cols[0] - margin, 0)),
-        float(max(rows[0] - margin, 0)),
-        float(min(cols[-1] + 1 + margin, width)),
-        float(min(rows[-1] + 1 + margin, height)),
-    ]
-
-
 def fuse_box_logits(logits: torch.Tensor, values: Sequence[int]) -> np.ndarray:
     """Per-box mask logits [N, H, W] -> one label map: each pixel takes the label of its highest
     logit, background where no logit is above 0 (so a structure nested in another's box keeps its
@@ -160,9 +145,13 @@ def predict_box_labels(
 
 def predict_box_slice(
     base: BaseSam, slice01: np.ndarray, box_xyxy: Sequence[float], device: torch.device | str = "cpu",
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> np.ndarray:
-    """A bool mask for one box prompt (slice pixels) on one slice."""
+    """A bool mask for one box prompt (slice pixels) on one slice.
+
+    Each call builds its runner: for many prompts, hold ``make_runner(base, "boxes")`` and call
+    :func:`predict_box_labels` (PyTorch by default here, as a single prompt never repays an export).
+    """
     runner = make_runner(base, "boxes", backend, device)
     return predict_box_labels(runner, slice01, [box_xyxy], [1]) > 0
 
