@@ -27,6 +27,7 @@ def add_segment_parser(subparsers) -> None:
 def run_segment(args) -> int:
     import numpy as np
 
+    from .backends.cache import model_cache_dir
     from .inference import resolve_device, segment_volume, segment_with_boxes
     from .modelfile import is_model_file, load_model
     from .models import build_base_model
@@ -54,7 +55,8 @@ def run_segment(args) -> int:
         slices = parse_slices(args.slices, array.shape[axis])
         array01 = normalize_with(array, preprocessing_settings(window))
         base = build_base_model(args.model, checkpoint=args.checkpoint, image_size=args.image_size)
-        labels = segment_with_boxes(base, array01, box_labels, axis, slices, margin=args.box_margin, device=device)
+        labels = segment_with_boxes(base, array01, box_labels, axis, slices, margin=args.box_margin, device=device,
+                                    backend=args.backend)
     else:
         if not is_model_file(args.model) and not args.classes:
             raise ValueError(
@@ -69,7 +71,8 @@ def run_segment(args) -> int:
         slices = parse_slices(args.slices, array.shape[axis])
         settings = preprocessing_settings(window) if window is not None else meta.get("preprocessing", {})
         array01 = normalize_with(array, settings)
-        labels = segment_volume(segmenter, array01, axis, slices, args.batch_size, device)
+        labels = segment_volume(segmenter, array01, axis, slices, args.batch_size, device, backend=args.backend,
+                                cache_dir=model_cache_dir(args.model) if is_model_file(args.model) else None)
         names, colors = segmenter.class_names, segmenter.class_colors
 
     out = write_seg_nrrd(args.output, labels, image, names, colors)

@@ -290,6 +290,7 @@ def evaluate_labels(pred: np.ndarray, ref: np.ndarray, num_classes: int, spacing
 
 
 def run_evaluate(args) -> int:
+    from .backends.cache import model_cache_dir
     from .inference import resolve_device, segment_volume
     from .modelfile import load_model
     from .slices import annotated_slices
@@ -311,6 +312,7 @@ def run_evaluate(args) -> int:
     settings = preprocessing_settings(window) if window is not None else meta.get("preprocessing") or preprocessing_settings(None)
     array01 = normalize_with(array, settings)
     pred = segment_volume(segmenter, array01, axis, slices, args.batch_size, resolve_device(args.device),
+                          backend=args.backend, cache_dir=model_cache_dir(args.model),
                           progress=not args.json and sys.stderr.isatty())
     take = lambda vol: np.moveaxis(vol, axis, 0)[slices]  # noqa: E731
     spacing_zyx = list(image.GetSpacing())[::-1]

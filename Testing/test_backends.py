@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,8 +11,10 @@ import SimpleITK as sitk
 import torch
 
 from MedSAGaLib.backends import choose_backend, make_runner, openvino_available
+from MedSAGaLib.backends.cache import model_cache_dir
+from MedSAGaLib.cli import main
 from MedSAGaLib.head import ClassSegmenter
-from MedSAGaLib.inference import bounding_box, segment_volume
+from MedSAGaLib.inference import bounding_box
 from MedSAGaLib.modelfile import load_model
 from MedSAGaLib.models import build_base_model
 from MedSAGaLib.preprocess import SliceTransform
@@ -56,21 +59,29 @@ def test_backend_choice():
 
 
 @needs_openvino
-def test_openvino_matches_pytorch_on_mni152_with_the_tiny_vit(tiny_model_file, mni_arrays, tmp_path):
+def test_openvino_matches_pytorch_on_mni152_with_the_tiny_vit(tiny_model_file, mni152, mni_arrays, tmp_path):
     array01, _ = mni_arrays
-    segmenter = load_model(tiny_model_file)
+    model_path = tmp_path / "tiny.medsaga"
+    shutil.copyfile(tiny_model_file, model_path)
+    segmenter = load_model(model_path)
     reference = make_runner(segmenter, backend="torch", fast=False)
-    runner = make_runner(segmenter, backend="openvino", cache_dir=tmp_path / "cache")
+    runner = make_runner(segmenter, backend="openvino", cache_dir=model_cache_dir(model_path))
     assert runner.name == "openvino" and runner.built == ["encoder", "decoder"]
     same, worst = agreement(reference, runner, [array01[z] for z in (60, 90, 120)])
     print(f"tiny ViT 224 px, OpenVINO f32 vs PyTorch: argmax agreement {100 * same:.4f}%, max logit diff {worst:.2e}")
     assert same >= 0.995 and worst < 1e-2
-    # The whole-volume path gives the same labels through either backend.
-    chosen = [70, 100]
-    by_torch = segment_volume(segmenter, array01, 0, chosen, progress=False, backend="torch")
-    by_openvino = segment_volume(segmenter, array01, 0, chosen, progress=False, backend="openvino",
-                                 cache_dir=tmp_path / "cache")
-    assert (by_torch[chosen] == by_openvino[chosen]).mean() >= 0.995
+    # The command line finds the export next to the model file and gives PyTorch's labels.
+    image_path, _ = mni152
+    manifests = {p: p.stat().st_mtime_ns for p in model_cache_dir(model_path).glob("*/manifest.json")}
+    outputs = {}
+    for backend in ("openvino", "torch"):
+        out = tmp_path / f"{backend}.seg.nrrd"
+        assert main(["segment", str(image_path), "--model", str(model_path), "--slices", "70,100", "--backend",
+                     backend, "-o", str(out), "--labelmap", str(tmp_path / f"{backend}.nii.gz")]) == 0
+        outputs[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{backend}.nii.gz")))
+    assert {p: p.stat().st_mtime_ns for p in model_cache_dir(model_path).glob("*/manifest.json")}.keys() == manifests.keys()
+    assert outputs["openvino"].any()
+    assert (outputs["openvino"] == outputs["torch"]).mean() >= 0.995
 
 
 @pytest.mark.slow
