@@ -34,7 +34,8 @@ def run_segment(args) -> int:
         seg = segment_file(args.image, args.model, args.output, labelmap=args.labelmap, axis=args.axis,
                            slices=args.slices, window=args.window, classes=args.classes, checkpoint=args.checkpoint,
                            image_size=args.image_size, boxes_from=args.boxes_from, box_margin=args.box_margin,
-                           batch_size=args.batch_size, device=args.device, progress=progress)
+                           batch_size=args.batch_size, device=args.device, progress=progress,
+                           backend=args.backend)
     finally:
         progress.close()
     for note in seg.notes:

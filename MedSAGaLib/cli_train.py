@@ -122,7 +122,7 @@ def run_evaluate(args) -> int:
     try:
         evaluation = evaluate_volume(args.model, args.image, args.labels, axis=args.axis, slices=args.slices,
                                      window=args.window, batch_size=args.batch_size, device=args.device,
-                                     progress=progress)
+                                     progress=progress, backend=args.backend)
     finally:
         if progress is not None:
             progress.close()

@@ -303,6 +303,7 @@ def evaluate_volume(
     batch_size: Optional[int] = None,
     device: str = "auto",
     progress: ProgressCallback = None,
+    backend: str = "auto",
 ) -> Evaluation:
     """Segment the annotated slices (or ``slices``) with ``model`` (a file or a segmenter) and score
     them against the reference labels, class by class (matched by name, else by order)."""
@@ -323,13 +324,24 @@ def evaluate_volume(
         raise ValueError("The labels have no annotated slice to evaluate on; give --slices.")
     array01 = normalize_with(task.array, preprocessing_for(window, meta))
     pred = segment_volume(segmenter, array01, task.axis, slices, batch_size, resolve_device(device),
-                          progress=_segment_progress(progress))
+                          progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model))
     stack = lambda volume: np.moveaxis(volume, task.axis, 0)[slices]  # noqa: E731
     metrics = evaluate_labels(stack(pred), stack(ref), segmenter.num_classes, task.spacing2d())
     rows = [dict(name=n, **metrics[c]) for c, n in enumerate(segmenter.class_names, start=1)]
     trained = set((meta.get("training") or {}).get("train_slices") or [])
     return Evaluation(str(model) if not hasattr(model, "class_names") else "in memory", slices, rows,
                       sorted(trained & set(slices)), pred)
+
+
+def _export_cache(model) -> Optional[Path]:
+    """Where the OpenVINO export of a model file lives (next to it); None for segmenters in memory and
+    base models (the user cache)."""
+    from .backends.cache import model_cache_dir
+    from .modelfile import is_model_file
+
+    if hasattr(model, "class_names") or not is_model_file(model):
+        return None
+    return model_cache_dir(model)
 
 
 # --- segmentation ------------------------------------------------------------------------------
@@ -365,6 +377,7 @@ def segment_file(
     batch_size: Optional[int] = None,
     device: str = "auto",
     progress: ProgressCallback = None,
+    backend: str = "auto",
 ) -> Segmentation:
     """Segment a volume slice by slice and write a .seg.nrrd (and ``labelmap``, a plain label volume).
 
@@ -409,10 +422,10 @@ def segment_file(
 
         base = build_base_model(model, checkpoint=checkpoint, image_size=image_size)
         labels = segment_with_boxes(base, array01, box_labels, axis_index, chosen, margin=box_margin,
-                                    device=torch_device, progress=_segment_progress(progress))
+                                    device=torch_device, progress=_segment_progress(progress), backend=backend)
     else:
         labels = segment_volume(segmenter, array01, axis_index, chosen, batch_size, torch_device,
-                                progress=_segment_progress(progress))
+                                progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model))
         names, colors = segmenter.class_names, segmenter.class_colors
     written = write_seg_nrrd(output, labels, sitk_image, names, colors)
     plain = write_labelmap(labelmap, labels, sitk_image) if labelmap else None
