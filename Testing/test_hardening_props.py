@@ -58,7 +58,7 @@ def test_data_file_injection_through_a_class_name_is_reproduced_and_refused(tmp_
 @given(st.text(min_size=1, max_size=24))
 def test_a_class_name_is_refused_or_round_trips_exactly(tmp_path, name):
     """Whatever the text: refused with InputError, or written and read back unchanged."""
-    from MedSAGaLib.segio import read_labels, write_seg_nrrd
+    from MedSAGaLib.segio import read_class_labels, write_seg_nrrd
 
     try:
         check_class_name(name)
@@ -70,7 +70,7 @@ def test_a_class_name_is_refused_or_round_trips_exactly(tmp_path, name):
     labels[1, 2, 3] = 1
     path = tmp_path / "n.seg.nrrd"
     write_seg_nrrd(path, labels, reference, [name])
-    _, names, _ = read_labels(path, reference)
+    _, names, _ = read_class_labels(path, reference)
     assert names == [name]
 
 
