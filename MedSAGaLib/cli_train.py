@@ -42,8 +42,17 @@ def add_finetune_parser(subparsers) -> None:
     p.add_argument("--checkpoint", default=None, help="SAM checkpoint file for vit_b/vit_l/vit_h")
     p.add_argument("--image-size", type=int, default=None, help="model input size for vit_* (e.g. 512 as SAMed)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {defaults.steps})")
+    g.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: chosen by the data: train until the held-out painted slices stop "
+                        "improving, within --time-budget)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the training slices instead of --steps")
+    p.add_argument("--time-budget", type=float, default=defaults.time_budget,
+                   help=f"seconds for the whole fine-tuning when the steps are chosen by the data (default {defaults.time_budget:g})")
+    p.add_argument("--crop", choices=("auto", "on", "off"), default=defaults.crop,
+                   help="train and segment on the box around the painted structures, at a higher resolution "
+                        "(auto: when they fill less than half of the slice)")
+    p.add_argument("--class-weighting", choices=("none", "balanced"), default=defaults.class_weighting,
+                   help=f"class weights of the loss (default {defaults.class_weighting})")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr})")
     p.add_argument("--encoder-lr", type=float, default=None, help="encoder learning rate (default: --lr)")
@@ -219,6 +228,9 @@ class Progress:
                 from tqdm.auto import tqdm
 
                 self.bar = tqdm(total=event["steps"], desc="Fine-tuning", unit="step")
+            if self.bar.total != event["steps"]:  # the planned step count follows the measured time per step
+                self.bar.total = event["steps"]
+                self.bar.refresh()
             self.bar.update(1)
             post = {"loss": f"{event['loss']:.4f}", "lr": f"{event['lr']:.2e}"}
             if event.get("val_dice"):
@@ -326,21 +338,25 @@ def run_finetune(args) -> int:
             raise ValueError("--epochs must be positive.")
         steps = max(1, math.ceil(args.epochs * len(train_idx) / max(1, args.batch_size)))
     config = FinetuneConfig(
-        method=args.method, steps=steps or FinetuneConfig().steps, batch_size=args.batch_size, lr=args.lr,
+        method=args.method, steps=steps, time_budget=args.time_budget, crop=args.crop,
+        class_weighting=args.class_weighting, batch_size=args.batch_size, lr=args.lr,
         encoder_lr=args.encoder_lr, warmup=args.warmup, rank=args.rank, update_proj_gap=args.update_proj_gap,
         scale=args.scale, proj_type=args.proj_type, lora_rank=args.lora_rank, train_stages=args.train_stages,
         augment=not args.no_augment, checkpointing=args.checkpointing, precision=args.precision,
         device=_device_name(args.device), seed=args.seed, max_val_slices=args.max_val_slices,
     ).validate()
-    config.warmup = min(config.warmup, max(0, config.steps - 1))
+    if config.steps is not None:
+        config.warmup = min(config.warmup, max(0, config.steps - 1))
 
-    progress = Progress(args.progress, config.steps)
+    progress = Progress(args.progress, config.steps or config.max_steps)
     if progress.mode != "json":
         scored = min(len(val_idx), config.max_val_slices or len(val_idx))
         print(f"Training on {len(train_idx)} slice(s) {_ranges(train_idx)}; validating on {scored} of the "
               f"{len(val_idx)} other annotated slice(s) ({_ranges(val_idx) or 'none'}), evenly spread; "
               f"classes: {', '.join(names)}; method {config.method}, "
-              f"{config.steps} steps", file=sys.stderr, flush=True)
+              + (f"{config.steps} steps" if config.steps else
+                 f"steps chosen by the data (at most {config.max_steps}, time budget {config.time_budget:g} s; "
+                 "--steps or --time-budget to change)"), file=sys.stderr, flush=True)
     else:
         print(json.dumps({"event": "start", "train_slices": train_idx, "val_slices": val_idx, "classes": names,
                           "method": config.method, "steps": config.steps}), flush=True)
@@ -376,6 +392,7 @@ def run_finetune(args) -> int:
         "event": "done", "model": str(output), "steps": result.steps_done, "stopped": result.stopped,
         "best_step": result.best_step, "val_dice": result.val_dice, "initial_val_dice": result.initial_val_dice,
         "seconds_per_step": round(result.seconds_per_step, 3), "seconds": round(result.total_seconds, 1),
+        "decisions": result.decisions, "stop_reason": result.stop_reason, "warnings": result.warnings,
     }
     if progress.mode == "json":
         print(json.dumps(_jsonable(summary)), flush=True)
@@ -387,6 +404,10 @@ def run_finetune(args) -> int:
             print(f"Validation Dice (step {result.best_step}, kept): {_fmt_dice(result.val_dice)}", file=sys.stderr)
             if result.initial_val_dice:
                 print(f"Validation Dice before training:   {_fmt_dice(result.initial_val_dice)}", file=sys.stderr)
+        for decision in result.decisions:
+            print(f"Decided: {decision}", file=sys.stderr)
+        for warning in result.warnings:
+            print(f"Warning: {warning}", file=sys.stderr)
         for note in result.notes:
             print(f"Note: {note}", file=sys.stderr)
         print(f"Wrote {output}")

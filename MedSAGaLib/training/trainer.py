@@ -18,7 +18,10 @@ import torch
 from torch import nn
 
 from ..inference import resolve_device
+from ..roi import choose_roi
+from .budget import PROBE_STEPS, StepBudget
 from .config import FinetuneConfig, TrainingError
+from .diagnosis import stuck_classes
 from .data import BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, select_validation
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
 from .lora import LoRAQKV, apply_lora, lora_parameters, merge_lora
@@ -48,6 +51,10 @@ class FinetuneResult:
     galore_parameters: int = 0
     notes: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    decisions: list = field(default_factory=list)  # what the run decided (crop, step plan), as sentences
+    stop_reason: str = ""
+    warnings: list = field(default_factory=list)  # classes not learned, with what to paint
+    roi: Optional[dict] = None  # the crop box on the input slices, if any
 
     @property
     def mean_val_dice(self) -> float:
@@ -67,6 +74,10 @@ class FinetuneResult:
             "galore_parameters": self.galore_parameters,
             "seconds_per_step": round(self.seconds_per_step, 3),
             "final_loss": None if math.isnan(self.final_loss) else round(self.final_loss, 5),
+            "decisions": list(self.decisions),
+            "stop_reason": self.stop_reason,
+            "warnings": list(self.warnings),
+            "roi": self.roi,
             "config": cfg,
         }
 
@@ -114,6 +125,16 @@ def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -
     return out
 
 
+def class_balance_weights(labels: Sequence[np.ndarray], num_classes: int, cap: float = 10.0) -> list[float]:
+    """1/sqrt(pixel share) per class 0..k over the painted slices, mean 1, at most ``cap`` x the smallest."""
+    counts = np.zeros(num_classes + 1)
+    for lab in labels:
+        counts += np.bincount(np.asarray(lab).ravel().astype(np.int64), minlength=num_classes + 1)[: num_classes + 1]
+    raw = 1.0 / np.sqrt(np.maximum(counts, 1.0) / counts.sum())
+    raw = np.minimum(raw, cap * raw.min())
+    return (raw / raw.mean()).tolist()
+
+
 def _set_train_modes(segmenter: nn.Module) -> None:
     """Eval mode everywhere (batch norms keep their statistics: batches of 2 cannot estimate them),
     except TinyViT attention, whose eval mode reads a cached copy of its trainable position biases."""
@@ -156,6 +177,22 @@ def finetune(
     start_time = time.perf_counter()
     torch.manual_seed(config.seed)
     result = FinetuneResult(config=config.to_dict())
+    painted_labels = list(labels)
+
+    # --- small structures: crop to the painted region (the model then keeps the box for segmenting) ----
+    roi = getattr(segmenter, "roi", None)
+    if roi is not None and config.crop != "off" and tuple(roi.slice_shape) == tuple(np.shape(images01[0])):
+        why = "cropping to the region of interest the model was trained with"
+    elif len({tuple(np.shape(x)) for x in list(labels) + list(val_labels)}) > 1:
+        roi, why = None, "no crop: the slices differ in shape"
+    else:
+        roi, why = choose_roi(labels, config.crop, config.crop_margin)
+    segmenter.roi = roi
+    result.roi = roi.to_dict() if roi is not None else None
+    result.decisions.append(why)
+    if roi is not None:
+        images01, labels = [roi.crop(x) for x in images01], [roi.crop(x) for x in labels]
+        val_images, val_labels = [roi.crop(x) for x in val_images], [roi.crop(x) for x in val_labels]
 
     segmenter.to(device)
     for p in segmenter.parameters():
@@ -219,6 +256,7 @@ def finetune(
         (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     )
 
+    budget: Optional[StepBudget] = None
     try:
         # --- data: frozen prefix computed once per (augmented) slice --------------------------
         _set_train_modes(segmenter)
@@ -276,9 +314,14 @@ def finetune(
 
         from monai.losses import DiceCELoss
 
+        weight = None
+        if config.class_weighting == "balanced":
+            weight = torch.as_tensor(class_balance_weights(labels, k), dtype=torch.float32, device=device)
+            result.decisions.append("class weights " + ", ".join(
+                f"{n} {w:.2f}" for n, w in zip(["background"] + list(segmenter.class_names), weight.tolist())))
         loss_fn = DiceCELoss(
             to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight, lambda_ce=config.ce_weight, batch=True,
-            include_background=config.dice_background,
+            include_background=config.dice_background, weight=weight,
         )
 
         def forward(feats: torch.Tensor) -> torch.Tensor:
@@ -310,16 +353,29 @@ def finetune(
             vals = [v for v in d.values() if not math.isnan(v)]
             return float(np.mean(vals)) if vals else float("nan")
 
-        val_every = config.val_every or max(1, math.ceil(config.steps / 4))
+        if config.steps is None:
+            budget = StepBudget(config.time_budget, config.max_steps, patience=config.patience,
+                                val_every=config.val_every or 20)
+            total = config.max_steps
+            val_every = budget.val_every
+            if not len(val):
+                result.decisions.append("no held-out painted slice, so no early stopping: training for the steps "
+                                        "that fit in the time budget")
+        else:
+            total = config.steps
+            val_every = config.val_every or max(1, math.ceil(config.steps / 4))
+        validation_seconds = 0.0
         best_state = None
         best_score = -1.0
         if len(val):
+            t_val = time.perf_counter()
             result.initial_val_dice = validate()
+            validation_seconds = time.perf_counter() - t_val
             best_score = mean_of(result.initial_val_dice)
             best_state = plain_state_dict(segmenter)
             result.val_dice = dict(result.initial_val_dice)
             result.history.append({"step": 0, "val_dice": result.initial_val_dice})
-            emit({"phase": "validate", "step": 0, "steps": config.steps, "val_dice": result.initial_val_dice,
+            emit({"phase": "validate", "step": 0, "steps": total, "val_dice": result.initial_val_dice,
                   "elapsed": time.perf_counter() - start_time})
             _set_train_modes(segmenter)
 
@@ -327,12 +383,14 @@ def finetune(
         step_times: list[float] = []
         train_start = time.perf_counter()
         last_val = result.initial_val_dice or None
-        for step in range(config.steps):
+        step = -1
+        while step + 1 < total:
+            step += 1
             if stop():
                 result.stopped = True
                 break
             t0 = time.perf_counter()
-            lr = optimizer.set_lr_factor(lr_factor(step, config.steps, config.warmup, config.poly_power))
+            lr = optimizer.set_lr_factor(lr_factor(step, total, config.warmup, config.poly_power))
             idx = sampler.next()
             if pool_feats is not None:
                 feats = torch.stack([pool_feats[i] for i in idx])
@@ -358,9 +416,14 @@ def finetune(
             step_times.append(time.perf_counter() - t0)
             result.steps_done = step + 1
             result.final_loss = float(loss.item())
-            entry = {"step": step + 1, "steps": config.steps, "loss": result.final_loss, "lr": lr}
+            if budget is not None and step + 1 == PROBE_STEPS:
+                # the first step pays one-off costs (GaLore's first SVD): plan from the later ones
+                measured = float(np.mean(step_times[1:] or step_times))
+                total = budget.plan(time.perf_counter() - start_time, measured, step + 1,
+                                    validation_seconds if len(val) else 0.0)
+            entry = {"step": step + 1, "steps": total, "loss": result.final_loss, "lr": lr}
             val_now = None
-            if len(val) and ((step + 1) % val_every == 0 or step + 1 == config.steps):
+            if len(val) and ((step + 1) % val_every == 0 or step + 1 == total):
                 val_now = validate()
                 _set_train_modes(segmenter)
                 score = mean_of(val_now)
@@ -370,14 +433,19 @@ def finetune(
                     result.val_dice = dict(val_now)
                 last_val = val_now
                 entry["val_dice"] = val_now
+                if budget is not None:
+                    budget.observe(step + 1, score)
             elapsed_train = time.perf_counter() - train_start
             done = step + 1
             entry["elapsed"] = time.perf_counter() - start_time
-            entry["eta"] = elapsed_train / done * (config.steps - done)
+            entry["eta"] = elapsed_train / done * (total - done)
             entry["val_dice"] = entry.get("val_dice", last_val)
             entry["phase"] = "train"
             result.history.append({k2: v for k2, v in entry.items() if k2 != "phase"})
             emit(entry)
+            if budget is not None and (budget.finished(step + 1) or budget.out_of_time(
+                    time.perf_counter() - start_time, float(np.mean(step_times[-5:])))):
+                break
     except KeyboardInterrupt:
         result.stopped = True
         best_state = locals().get("best_state")
@@ -404,6 +472,17 @@ def finetune(
     segmenter.eval()
     result.seconds_per_step = float(np.mean(step_times)) if result.steps_done and step_times else 0.0
     result.total_seconds = time.perf_counter() - start_time
+    if budget is not None:
+        result.decisions.extend(budget.decisions)
+        result.stop_reason = "stopped by the user" if result.stopped else (budget.stop_reason or "")
+        if result.stop_reason:
+            result.decisions.append(f"stopped after {result.steps_done} steps: {result.stop_reason}")
+    else:
+        result.stop_reason = "stopped by the user" if result.stopped else f"the {config.steps} steps asked for"
+    if val_images:
+        result.decisions.append(f"kept the model of step {result.best_step} (best mean validation Dice)")
+    result.warnings = stuck_classes(result.val_dice, painted_labels, list(segmenter.class_names),
+                                    val_labels=list(val_labels) if val_images else None)
     return result
 
 
