@@ -65,9 +65,8 @@ def load_task(test_slices: int = 8, val_slices: int = 0, task: str = "mni152_tis
     """
     import SimpleITK as sitk
 
-    from ..cli_train import evenly_spread
     from ..samples.tasks import load_sample_task
-    from ..segio import annotated_slices
+    from ..slices import annotated_slices, evenly_spread
     from ..volume import normalize_intensity, slice_axis
 
     sample = load_sample_task(task)
