@@ -83,8 +83,10 @@ def load_task(test_slices: int = 8, val_slices: int = 0, task: str = "mni152_tis
     else:  # small structures: every annotated slice; a draw must hold every class between its slices
         rich = annotated_slices(labels, axis)
     test = evenly_spread(rich, test_slices)
-    # Neighbouring slices are near-copies: keep held-out slices more than 2 slices apart from training.
-    far = lambda z, held: min((abs(z - h) for h in held), default=99) > 2  # noqa: E731
+    # Neighbouring slices are near-copies: keep held-out slices more than 2 slices apart from training (MNI152)
+    # or at least 2 apart (the small-structure tasks span only 56-70 annotated slices)
+    gap = 2 if task == "mni152_tissue" else 1
+    far = lambda z, held: min((abs(z - h) for h in held), default=99) > gap  # noqa: E731
     val = evenly_spread([z for z in rich if far(z, test)], val_slices) if val_slices else []
     candidates = [z for z in rich if far(z, test) and far(z, val)]
     spacing_zyx = list(image.GetSpacing())[::-1]
