@@ -32,6 +32,9 @@ prediction nor the reference, NaN in Python). Fields marked optional may be abse
     best_step:    int         step whose weights were kept
     val_dice, initial_val_dice: dict   at the kept step / before training
     seconds_per_step, seconds: float
+    decisions:    list[str]   what the run decided: crop, planned steps, why it stopped (optional)
+    stop_reason:  str         why training ended (optional)
+    warnings:     list[str]   classes not learned, each named with what to paint (optional)
 ``segment``             slices segmented (``segment`` / ``evaluate``)
     done, total:  int
     elapsed:      float (optional)
