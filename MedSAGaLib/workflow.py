@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from .events import event, jsonable
 from .slices import annotated_slices, get_slice, labels_for_model, parse_slices, plan_slices, select_classes
 from .training.config import FinetuneConfig, TrainingError
-from .volume import array_from_image, normalize_with, parse_window, preprocessing_settings, read_volume, slice_axis
+from .volume import array_from_image, normalize_with, read_volume, slice_axis, window_settings
 
 ProgressCallback = Optional[Callable[[dict], None]]
 ImageInput = Union[str, Path, sitk.Image]
@@ -83,10 +83,8 @@ def load_task(image: ImageInput, labels: Union[str, Path, sitk.Image], axis: Opt
 
 def preprocessing_for(window: Optional[str], model_metadata: Optional[dict] = None) -> dict:
     """Intensity preprocessing: the ``window`` asked for, else the model's own setting, else percentiles."""
-    parsed = parse_window(window)
-    if parsed is not None:
-        return preprocessing_settings(parsed)
-    return (model_metadata or {}).get("preprocessing") or preprocessing_settings(None)
+    # 'percentile' means volume percentiles even for a model trained with a window (volume.window_settings)
+    return window_settings(window, (model_metadata or {}).get("preprocessing"))
 
 
 # --- fine-tuning -------------------------------------------------------------------------------
