@@ -75,7 +75,8 @@ def _settings(args) -> dict:
         warmup=args.warmup, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
         proj_type=args.proj_type, lora_rank=args.lora_rank, train_stages=args.train_stages,
         augment=not args.no_augment, checkpointing=args.checkpointing, precision=args.precision, device=args.device,
-        seed=args.seed, max_val_slices=args.max_val_slices,
+        seed=args.seed, max_val_slices=args.max_val_slices, time_budget=args.time_budget, crop=args.crop,
+        class_weighting=args.class_weighting,
     )
 
 
@@ -107,6 +108,10 @@ def run_finetune(args) -> int:
             print(f"Validation Dice (step {result.best_step}, kept): {format_dice(result.val_dice)}", file=sys.stderr)
             if result.initial_val_dice:
                 print(f"Validation Dice before training:   {format_dice(result.initial_val_dice)}", file=sys.stderr)
+        for decision in result.decisions:
+            print(f"Decided: {decision}", file=sys.stderr)
+        for warning in result.warnings:
+            print(f"Warning: {warning}", file=sys.stderr)
         for note in result.notes:
             print(f"Note: {note}", file=sys.stderr)
         print(f"Wrote {output}")

@@ -112,7 +112,15 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
     Option(("--base",), "base", "base model (default litemedsam)", choices=BASE_MODEL_NAMES),
     CHECKPOINT,
     IMAGE_SIZE,
-    Option(("--steps",), "steps", f"optimizer steps (default {_DEFAULTS.steps})", type=int, group="length"),
+    Option(("--steps",), "steps", "optimizer steps (default: chosen by the data: train until the held-out painted "
+           "slices stop improving, within --time-budget)", type=int, group="length"),
+    Option(("--time-budget",), "time_budget", f"seconds for the whole fine-tuning when the steps are chosen by the "
+           f"data (default {_DEFAULTS.time_budget:g})", type=float, default=_DEFAULTS.time_budget),
+    Option(("--crop",), "crop", "train and segment on the box around the painted structures, at a higher "
+           f"resolution (default {_DEFAULTS.crop}: when they fill less than half of the slice)",
+           choices=("auto", "on", "off"), default=_DEFAULTS.crop),
+    Option(("--class-weighting",), "class_weighting", f"class weights of the loss (default {_DEFAULTS.class_weighting})",
+           choices=("none", "balanced"), default=_DEFAULTS.class_weighting),
     Option(("--epochs",), "epochs", "passes over the training slices instead of --steps", type=float,
            group="length"),
     Option(("--batch-size",), "batch_size", f"slices per step (default {_DEFAULTS.batch_size})", type=int,

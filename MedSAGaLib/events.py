@@ -32,6 +32,9 @@ prediction nor the reference, NaN in Python). Fields marked optional may be abse
     best_step:    int         step whose weights were kept
     val_dice, initial_val_dice: dict   at the kept step / before training
     seconds_per_step, seconds: float
+    decisions:    list[str]   what the run decided: crop, planned steps, why it stopped (optional)
+    stop_reason:  str         why training ended (optional)
+    warnings:     list[str]   classes not learned, each named with what to paint (optional)
 ``segment``             slices segmented (``segment`` / ``evaluate``)
     done, total:  int
     elapsed:      float (optional)
@@ -54,7 +57,7 @@ SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "validate": (("step", "steps", "val_dice", "elapsed"), ()),
     "step": (("step", "steps", "loss", "lr", "val_dice", "elapsed", "eta"), ()),
     "done": (("model", "steps", "stopped", "best_step", "val_dice", "initial_val_dice", "seconds_per_step",
-              "seconds"), ()),
+              "seconds"), ("decisions", "stop_reason", "warnings")),
     "segment": (("done", "total"), ("elapsed",)),
 }
 
@@ -174,7 +177,12 @@ def describe(ev: dict) -> str:
         parts.append(f"{format_seconds(ev['seconds'])} in all")
     if kind != "done" and ev.get("eta") is not None:
         parts.append(f"ETA {format_seconds(ev['eta'])}")
-    return ", ".join(parts)
+    if kind == "done" and ev.get("stop_reason"):
+        parts.append(f"stopped: {ev['stop_reason']}")
+    text = ", ".join(parts)
+    if kind == "done" and ev.get("warnings"):  # classes not learned: named, never silent
+        text += "\n" + "\n".join(f"warning: {w}" for w in ev["warnings"])
+    return text
 
 
 class ConsoleProgress:

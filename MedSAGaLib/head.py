@@ -101,6 +101,8 @@ class ClassSegmenter(SamParts):
         self.class_colors = [tuple(float(x) for x in c) for c in (class_colors or default_colors(len(class_names)))]
         if len(self.class_colors) != len(self.class_names):
             raise ValueError("Give one colour per class.")
+        # MedSAGaLib.roi.RegionOfInterest set by fine-tuning on small structures: slices are cropped to it
+        self.roi = None
 
     @classmethod
     def from_base(

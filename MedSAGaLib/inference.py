@@ -71,11 +71,28 @@ def predict_slices(
     """k+1-class probabilities are fused by argmax: 2-D slices -> label maps (0 = background).
 
     ``segmenter`` is a k-class segmenter or a runner of one (:func:`MedSAGaLib.backends.make_runner`).
+    A model fine-tuned on a region of interest (``segmenter.roi``) sees only that box of each slice;
+    the rest of the slice is background.
     """
+    roi = getattr(segmenter, "roi", None)
+    if roi is not None:
+        return [roi.paste(p) for p in predict_slices(_without_roi(segmenter), [roi.crop(s) for s in slices01], device)]
     transform = SliceTransform(segmenter.image_size)
     images = torch.stack([transform.to_model(s) for s in slices01]).to(device)
     logits = segmenter(images).float().cpu()
     return [transform.from_model(logits[n], s.shape).argmax(0).numpy().astype(np.uint8) for n, s in enumerate(slices01)]
+
+
+class _without_roi:
+    """The same model seen without its region of interest (the crop is already applied)."""
+
+    def __init__(self, segmenter) -> None:
+        self._segmenter = segmenter
+        self.roi = None
+        self.image_size = segmenter.image_size
+
+    def __call__(self, images):
+        return self._segmenter(images)
 
 
 def segment_volume(

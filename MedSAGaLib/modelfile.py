@@ -209,6 +209,8 @@ def model_metadata(segmenter: ClassSegmenter, extra: Optional[dict] = None) -> d
         "preprocessing": {"intensity": "percentile", "percentiles": [0.5, 99.5]},
         "training": None,
     }
+    if getattr(segmenter, "roi", None) is not None:
+        meta["roi"] = segmenter.roi.to_dict()
     meta.update(extra or {})
     return meta
 
@@ -345,5 +347,11 @@ def load_model(
         segmenter.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelFileError(f"{path} does not fit a {arch.base} model: {str(exc)[:300]}") from None
+    from .roi import RegionOfInterest
+
+    try:
+        segmenter.roi = RegionOfInterest.from_dict(meta.get("roi"))
+    except (KeyError, TypeError, ValueError):
+        raise ModelFileError(f"{path} has an unreadable region of interest in its metadata: {meta.get('roi')!r}") from None
     segmenter.metadata = meta
     return segmenter

@@ -104,7 +104,8 @@ def finetune_config(train_count: int = 1, epochs: Optional[float] = None, **sett
 
         settings["device"] = str(resolve_device("auto"))
     config = FinetuneConfig(**settings).validate()
-    config.warmup = min(config.warmup, max(0, config.steps - 1))
+    if config.steps is not None:  # None: the data choose the steps (the warm-up stays as set)
+        config.warmup = min(config.warmup, max(0, config.steps - 1))
     return config
 
 
@@ -250,7 +251,8 @@ def finetune_volume(
         run.model_path = save_model(output, segmenter, metadata)
         emit(event("done", model=str(output), steps=result.steps_done, stopped=result.stopped,
                    best_step=result.best_step, val_dice=result.val_dice, initial_val_dice=result.initial_val_dice,
-                   seconds_per_step=round(result.seconds_per_step, 3), seconds=round(result.total_seconds, 1)))
+                   seconds_per_step=round(result.seconds_per_step, 3), seconds=round(result.total_seconds, 1),
+                   decisions=result.decisions, stop_reason=result.stop_reason, warnings=result.warnings))
     return run
 
 

@@ -243,7 +243,9 @@ def test_panel_defaults_match_the_trainer():
                 if isinstance(stmt, ast.AnnAssign) and stmt.value is not None and isinstance(stmt.value, ast.Constant)}
     trainer = FinetuneConfig()
     pairs = {"method": "method", "rank": "rank", "updateProjGap": "update_proj_gap", "scale": "scale",
-             "learningRate": "lr", "steps": "steps"}
+             "learningRate": "lr"}
+    # the trainer's steps default is None (chosen by the data within a time budget); the panel still asks for a
+    # fixed count until it offers that choice (issue 10 -> Slicer panel follow-up)
     assert {k: defaults[k] for k in pairs} == {k: getattr(trainer, v) for k, v in pairs.items()}
 
 

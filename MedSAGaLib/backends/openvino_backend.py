@@ -189,6 +189,7 @@ class OpenVinoRunner:
                 f"OpenVINO precision {precision!r} is not offered: only {', '.join(PRECISIONS)}, whose masks are "
                 "tested against PyTorch's.")
         self.image_size = model.image_size
+        self.roi = getattr(model, "roi", None)  # a crop the model was fine-tuned on (predict_slices applies it)
         self.kind = kind
         self.precision = precision
         started = time.perf_counter()

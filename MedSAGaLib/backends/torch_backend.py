@@ -22,6 +22,7 @@ class TorchRunner:
         model = model.to(self.device).eval()
         self.model = inference_copy(model) if fast else model
         self.image_size = model.image_size
+        self.roi = getattr(model, "roi", None)  # a crop the model was fine-tuned on (predict_slices applies it)
         self.description = "PyTorch (fast path)" if fast else "PyTorch"
 
     @torch.inference_mode()

@@ -15,7 +15,7 @@ def add_bench_parser(subparsers) -> None:
                          description=memory.__doc__.splitlines()[0])
     memory.add_arguments(mem)
     mem.set_defaults(func=lambda args: memory.run_sweep(args) and 0)
-    qual = sub.add_parser("quality", help="Dice/HD95 on unseen MNI152 slices versus training slices",
+    qual = sub.add_parser("quality", help="Dice/HD95 on unseen slices versus training slices (MNI152 GM/WM, Colin27 AAL structures)",
                           description=quality.__doc__.splitlines()[0])
     quality.add_arguments(qual)
     qual.set_defaults(func=lambda args: quality.run(args) and 0)

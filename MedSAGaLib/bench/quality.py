@@ -1,11 +1,16 @@
 """``medsaga bench quality``: Dice and HD95 on unseen slices versus the number of training slices.
 
-Task: nilearn's MNI152 2009 T1 template, background / grey matter / white matter (argmax of the
-bundled probability maps), axial slices. A fixed set of test slices, evenly spread over the
-annotated range, is never trained on. For every seed, ``shots`` training slices are drawn at random
-from the remaining slices that hold both classes; every method trains on the same draw, from the
-same pretrained LiteMedSAM, with the same steps, batch and schedule (the real trainer, no
-validation: the last weights are scored). Baselines on the same test slices:
+Tasks (``--task``, see ``MedSAGaLib.samples.tasks``): ``mni152_tissue`` (nilearn's MNI152 2009 T1
+template, grey / white matter, axial), and the realistic ones from Debian's ``mricron-data``:
+``colin27_aal`` (six deep grey-matter structures of the AAL atlas on the Colin27 T1, axial) and
+``colin27_aal_lr`` (the same with left and right apart, 12 classes, coronal); ``all`` runs each.
+A fixed set of test slices, evenly spread over the annotated range, is never trained on. For every
+seed, ``shots`` training slices are drawn at random from the remaining slices (MNI152: slices that
+hold both classes; the others: draws whose slices together hold every class); every method trains
+on the same draw, from the same pretrained LiteMedSAM, with the same batch and schedule. With a
+fixed ``--steps`` the last weights are scored; with the product default (no ``--steps``: the data
+decide, within ``--time-budget``) the run stops on the validation slices, as ``medsaga finetune``
+stops on the held-out painted slices. Baselines on the same test slices:
 
 - ``oracle-box``: zero-shot LiteMedSAM prompted with each class's bounding box taken from the
   reference labels (an upper-bound-ish prompt no user would draw for every slice);
@@ -52,7 +57,7 @@ def log(message: str) -> None:
     print(f"[bench quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def load_task(test_slices: int = 8, val_slices: int = 0):
+def load_task(test_slices: int = 8, val_slices: int = 0, task: str = "mni152_tissue"):
     """(array01 z,y,x, labels, axis, spacing2d, test indices, validation indices, candidate training indices).
 
     Validation slices (for choosing each method's learning rate) sit between the test slices and,
@@ -60,23 +65,28 @@ def load_task(test_slices: int = 8, val_slices: int = 0):
     """
     import SimpleITK as sitk
 
-    from ..slices import evenly_spread
-    from ..samples.mni152 import mni152_tissue_labels
-    from ..slices import annotated_slices
+    from ..samples.tasks import load_sample_task
+    from ..slices import annotated_slices, evenly_spread
     from ..volume import normalize_intensity, slice_axis
 
-    image, label_image = mni152_tissue_labels()
+    sample = load_sample_task(task)
+    image, label_image = sample.image, sample.labels
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     labels = sitk.GetArrayFromImage(label_image).astype(np.uint8)
-    axis = slice_axis(image, "axial")
+    axis = slice_axis(image, sample.axis)
     array01 = normalize_intensity(array)
     take = lambda vol, z: np.take(vol, z, axis=axis)  # noqa: E731
-    # Slices where both tissues are present with some area: a 1-shot draw must show both classes.
-    rich = [z for z in annotated_slices(labels, axis)
-            if min(int((take(labels, z) == c).sum()) for c in (1, 2)) >= 200]
+    if task == "mni152_tissue":
+        # Slices where both tissues are present with some area: a 1-shot draw must show both classes.
+        rich = [z for z in annotated_slices(labels, axis)
+                if min(int((take(labels, z) == c).sum()) for c in (1, 2)) >= 200]
+    else:  # small structures: every annotated slice; a draw must hold every class between its slices
+        rich = annotated_slices(labels, axis)
     test = evenly_spread(rich, test_slices)
-    # Neighbouring slices are near-copies: keep held-out slices more than 2 slices apart from training.
-    far = lambda z, held: min((abs(z - h) for h in held), default=99) > 2  # noqa: E731
+    # Neighbouring slices are near-copies: keep held-out slices more than 2 slices apart from training (MNI152)
+    # or at least 2 apart (the small-structure tasks span only 56-70 annotated slices)
+    gap = 2 if task == "mni152_tissue" else 1
+    far = lambda z, held: min((abs(z - h) for h in held), default=99) > gap  # noqa: E731
     val = evenly_spread([z for z in rich if far(z, test)], val_slices) if val_slices else []
     candidates = [z for z in rich if far(z, test) and far(z, val)]
     spacing_zyx = list(image.GetSpacing())[::-1]
@@ -84,9 +94,16 @@ def load_task(test_slices: int = 8, val_slices: int = 0):
     return array01, labels, axis, spacing2d, test, val, candidates
 
 
-def draw_training(candidates: list[int], shots: int, seed: int) -> list[int]:
+def draw_training(candidates: list[int], shots: int, seed: int, present: Optional[dict] = None,
+                  num_classes: int = 0, tries: int = 500) -> Optional[list[int]]:
+    """``shots`` slices drawn at random; with ``present`` (slice -> classes in it), the first draw whose
+    slices hold every class 1..``num_classes`` (None when no draw of that size can)."""
     rng = np.random.default_rng(1000 + seed)
-    return sorted(int(z) for z in rng.choice(candidates, size=min(shots, len(candidates)), replace=False))
+    for _ in range(tries if present is not None else 1):
+        picks = sorted(int(z) for z in rng.choice(candidates, size=min(shots, len(candidates)), replace=False))
+        if present is None or set().union(*(present[z] for z in picks)) >= set(range(1, num_classes + 1)):
+            return picks
+    return None
 
 
 def score(pred: np.ndarray, ref: np.ndarray, spacing2d, names) -> dict:
@@ -202,35 +219,69 @@ def stale_runs(runs: list[dict], lr_by_method: dict, config_by_method: dict) -> 
             and (r.get("lr") != lr_by_method[r["method"]] or (r.get("config") or {}) != config_by_method.get(r["method"], {}))]
 
 
+def task_names(requested: list[str]) -> list[str]:
+    from ..samples.tasks import TASKS
+
+    names = list(TASKS) if "all" in requested else list(dict.fromkeys(requested))
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise SystemExit(f"--task: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)} or all.")
+    return names
+
+
 def run(args) -> dict:
-    from ..samples.mni152 import TISSUE_CLASSES
+    """Every task of ``--task``; returns the last task's payload."""
+    payload = {}
+    for task in task_names(args.task):
+        payload = run_task(args, task)
+    return payload
+
+
+def run_task(args, task: str) -> dict:
     from ..inference import segment_with_boxes
     from ..models import build_base_model
     from ..training import TrainingError
     from ..workflow import finetune_config, finetune_slices, new_segmenter
 
+    from ..roi import choose_roi
+    from ..samples.tasks import load_sample_task
+
     set_threads(args.threads)
     started = time.perf_counter()
-    names = list(TISSUE_CLASSES)
+    sample = load_sample_task(task)
+    names = list(sample.class_names)
+    k = len(names)
     tune_grid = sorted(set(args.tune_lr or []))
     setting_grids = parse_setting_grids(args.tune_setting)
-    array01, labels, axis, spacing2d, test, val, candidates = load_task(args.test_slices,
-                                                                         args.val_slices if tune_grid or setting_grids else 0)
+    adaptive = args.steps is None  # the product default: the validation slices stop each run
+    array01, labels, axis, spacing2d, test, val, candidates = load_task(
+        args.test_slices, args.val_slices if tune_grid or setting_grids or adaptive else 0, task)
     take = lambda vol, z: np.take(vol, z, axis=axis)  # noqa: E731
+    present = None if task == "mni152_tissue" else {
+        z: set(int(v) for v in np.unique(take(labels, z)) if v) for z in candidates}
     test_images = [take(array01, z) for z in test]
     test_ref = np.stack([take(labels, z) for z in test])
     log(f"test slices {test}; validation slices {val}; {len(candidates)} candidate training slices; "
         f"shots {args.shots}; seeds {args.seeds}")
     out_dir = Path(args.output)
-    json_path = out_dir / f"{args.name}.json"
-    settings = {k: getattr(args, k) for k in ("shots", "seeds", "methods", "steps", "batch_size", "lr", "warmup",
-                                              "train_stages", "rank", "test_slices", "unet_steps", "unet_lr", "threads")}
+    name = args.name if task == "mni152_tissue" else f"{args.name}_{task}"
+    json_path = out_dir / f"{name}.json"
+    settings = {key: getattr(args, key) for key in ("shots", "seeds", "methods", "steps", "time_budget", "batch_size", "lr",
+                                                    "warmup", "train_stages", "rank", "test_slices", "unet_steps", "unet_lr",
+                                                    "threads")}
     settings.update(tune_lr=tune_grid, tune_shots=args.tune_shots, val_slices=len(val),
                     tune_setting=[f"{k}={','.join(map(str, v))}" for k, v in setting_grids],
                     tune_setting_seeds=args.tune_setting_seeds)
     payload = {
         "benchmark": "quality",
-        "task": "MNI152 2009 T1 template, grey/white matter, axial slices (nilearn)",
+        "task": sample.title,
+        "task_name": task,
+        "class_names": names,
+        "source": sample.source,
+        "licence": sample.licence,
+        "same_volume": sample.same_volume,
+        "command": "medsaga bench quality " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "quality"] else sys.argv[1:]),
+        "skipped": [],
         "settings": settings,
         "test_slices": test,
         "validation_slices": val,
@@ -260,7 +311,7 @@ def run(args) -> dict:
     if not args.no_oracle and "oracle-box" not in payload["baselines"]:
         t0 = time.perf_counter()
         base = build_base_model("litemedsam")
-        pred = segment_with_boxes(base, array01, labels, axis, test, label_values=[1, 2], progress=False)
+        pred = segment_with_boxes(base, array01, labels, axis, test, label_values=list(range(1, k + 1)), progress=False)
         payload["baselines"]["oracle-box"] = dict(score(np.stack([take(pred, z) for z in test]), test_ref, spacing2d, names),
                                                    seconds=time.perf_counter() - t0)
         log(f"oracle-box zero-shot: Dice {payload['baselines']['oracle-box']['dice']:.3f}")
@@ -272,24 +323,32 @@ def run(args) -> dict:
     caches: dict = {}  # frozen-prefix features per training draw, shared by the methods (and curves)
 
     def draw(shots: int, seed: int):
-        train_idx = draw_training(candidates, shots, seed)
+        train_idx = draw_training(candidates, shots, seed, present, k)
+        if train_idx is None:
+            return None, None, None, None
         return (train_idx, [take(array01, z) for z in train_idx], [take(labels, z) for z in train_idx],
                 caches.setdefault((shots, seed), {}))
 
-    def train(method: str, lr: float, images, labs, cache, seed: int, warmup: int, settings: Optional[dict] = None):
-        segmenter = new_segmenter(names)
-        config = finetune_config(**{**dict(method=method, steps=args.steps, batch_size=args.batch_size, lr=lr,
-                                           warmup=warmup, rank=args.rank, seed=seed, train_stages=args.train_stages),
-                                    **(settings or {})})
-        return segmenter, finetune_slices(segmenter, images, labs, config=config, feature_cache=cache)
-
     val_images = [take(array01, z) for z in val]
     val_ref = np.stack([take(labels, z) for z in val]) if val else None
+
+    def train(method: str, lr: float, images, labs, cache, seed: int, warmup: int, settings: Optional[dict] = None):
+        segmenter = new_segmenter(names)
+        config = finetune_config(**{**dict(method=method, steps=args.steps, time_budget=args.time_budget,
+                                           batch_size=args.batch_size, lr=lr, warmup=warmup, rank=args.rank, seed=seed,
+                                           crop=args.crop, class_weighting=args.class_weighting,
+                                           train_stages=args.train_stages), **(settings or {})})
+        # the product default stops on held-out slices; fixed-step runs score the last weights
+        held = (val_images, [take(labels, z) for z in val]) if args.steps is None else ((), ())
+        return segmenter, finetune_slices(segmenter, images, labs, *held, config=config, feature_cache=cache)
 
     def validation_trial(method: str, lr: float, shots: int, seed: int, settings: Optional[dict] = None) -> dict:
         """Train on one draw and score on the validation slices; a diverging run (non-finite loss) is a
         result of the search, recorded with NaN Dice."""
         train_idx, images, labs, cache = draw(shots, seed)
+        if train_idx is None:
+            return dict(method=method, lr=lr, shots=shots, seed=seed, train_slices=None, val_dice=float("nan"),
+                        val_hd95_mm=float("nan"), seconds=0.0, error=f"no draw of {shots} slices holds every class")
         t0 = time.perf_counter()
         try:
             segmenter, _ = train(method, lr, images, labs, cache, seed, args.warmup, settings)
@@ -363,6 +422,12 @@ def run(args) -> dict:
     for seed in range(args.seeds):
         for shots in args.shots:
             train_idx, images, labs, cache = draw(shots, seed)
+            if train_idx is None:
+                note = f"{shots} shot(s), seed {seed}: no draw of {shots} slices holds every class; skipped"
+                if note not in payload["skipped"]:
+                    payload["skipped"].append(note)
+                    log(note)
+                continue
             for method in args.methods:
                 if done(method, shots, seed):
                     continue
@@ -371,7 +436,8 @@ def run(args) -> dict:
                                           config_by_method[method])
                 s = score(predict(segmenter, test_images), test_ref, spacing2d, names)
                 row = dict(method=method, shots=shots, seed=seed, lr=lr_by_method[method], config=config_by_method[method],
-                           train_slices=train_idx,
+                           train_slices=train_idx, decisions=result.decisions, stop_reason=result.stop_reason,
+                           warnings=result.warnings, roi=result.roi, best_step=result.best_step,
                            steps=result.steps_done, seconds_per_step=result.seconds_per_step,
                            total_seconds=time.perf_counter() - t0, final_loss=result.final_loss,
                            trainable_parameters=result.trainable_parameters, train_stages=result.train_stages,
@@ -382,9 +448,17 @@ def run(args) -> dict:
                 save()
             if args.unet_steps > 0 and not done("unet", shots, seed):
                 t0 = time.perf_counter()
-                net, losses = train_unet(images, labs, len(names), args.unet_steps, 256, seed, lr=args.unet_lr)
-                s = score(predict_unet(net, test_images, 256), test_ref, spacing2d, names)
+                # the U-Net gets the same crop as the SAM methods' default, so both see the same pixels
+                roi, _ = choose_roi(labs, args.crop)
+                crop = roi.crop if roi is not None else (lambda x: x)
+                net, losses = train_unet([crop(x) for x in images], [crop(x) for x in labs], len(names), args.unet_steps,
+                                         256, seed, lr=args.unet_lr)
+                pred = predict_unet(net, [crop(x) for x in test_images], 256)
+                if roi is not None:
+                    pred = np.stack([roi.paste(p) for p in pred])
+                s = score(pred, test_ref, spacing2d, names)
                 payload["runs"].append(dict(method="unet", shots=shots, seed=seed, lr=args.unet_lr, train_slices=train_idx,
+                                            roi=roi.to_dict() if roi is not None else None,
                                             steps=args.unet_steps, total_seconds=time.perf_counter() - t0,
                                             final_loss=losses[-1], losses=losses, **s))
                 log(f"{'unet (scratch)':16s} shots {shots:2d} seed {seed}: Dice {s['dice']:.3f} HD95 {s['hd95_mm']:.1f} mm "
@@ -394,6 +468,8 @@ def run(args) -> dict:
     if args.warmup_curve_method:
         method = args.warmup_curve_method
         _, images, labs, cache = draw(args.warmup_curve_shots, 0)
+        if images is None:
+            raise SystemExit(f"--warmup-curve-shots {args.warmup_curve_shots}: no draw holds every class of {task}.")
         base_lr = lr_by_method.get(method, fixed.get(method, args.lr))
         curve_settings = config_by_method.get(method, {})
         for warm in (args.warmup, 0):
@@ -415,8 +491,8 @@ def run(args) -> dict:
             save()
     payload["summary"] = summarize(payload)
     save()
-    (out_dir / f"{args.name}.md").write_text(markdown(payload), encoding="utf-8")
-    plot(payload, out_dir / f"{args.name}.png", out_dir / f"{args.name}_loss.png")
+    (out_dir / f"{name}.md").write_text(markdown(payload), encoding="utf-8")
+    plot(payload, out_dir / f"{name}.png", out_dir / f"{name}_loss.png")
     return payload
 
 
@@ -439,8 +515,11 @@ def markdown(payload: dict) -> str:
     by_method = payload.get("lr_by_method") or {}
     rate = "each method at its own lr (column `lr`)" if len(set(by_method.values())) > 1 else f"lr {s['lr']}"
     unet = f"U-Net {s['unet_steps']} steps" + (f" at lr {s['unet_lr']:g}" if s.get("unet_lr") and s["unet_steps"] else "")
-    lines = [f"MNI152 grey/white matter, {len(payload['test_slices'])} unseen axial test slices; "
-             f"{s['steps']} steps, batch {s['batch_size']}, {rate}, warm-up {s['warmup']}, "
+    steps = (f"{s['steps']} steps" if s.get("steps") else
+             f"steps chosen by the data (patience on the validation slices, time budget {s.get('time_budget', 0):g} s)")
+    title = payload.get("task") or "MNI152 grey/white matter"
+    lines = [f"{title}: {len(payload['test_slices'])} unseen test slices; "
+             f"{steps}, batch {s['batch_size']}, {rate}, warm-up {s['warmup']}, "
              f"encoder stages trained {s['train_stages'] or 'default'}, GaLore rank {s['rank']}, "
              f"{s['seeds']} seed(s); {unet}. Dice mean ± std over seeds (HD95 in mm).\n"]
     search = payload.get("lr_search") or []
@@ -490,7 +569,40 @@ def markdown(payload: dict) -> str:
         lines.append(f"| {m} | {lr} | " + " | ".join(cells) + " |")
     for name, b in payload["baselines"].items():
         lines.append(f"| {name} (zero-shot) | - | " + " | ".join(f"{b['dice']:.3f} ({b['hd95_mm']:.1f})" for _ in shots) + " |")
+    lines += per_class_tables(payload, methods, shots)
+    if payload.get("skipped"):
+        lines.append("\nNot run: " + "; ".join(payload["skipped"]) + ".")
     return "\n".join(lines) + "\n"
+
+
+def per_class_tables(payload: dict, methods: list, shots: list) -> list[str]:
+    """Dice per class (mean over seeds; HD95 in mm in brackets), one table per shot count."""
+    classes = payload.get("class_names") or list(next(iter(payload["runs"]), {}).get("per_class", {}))
+    if not classes:
+        return []
+    lines = []
+    for n in shots:
+        rows = []
+        for m in methods:
+            runs = [r for r in payload["runs"] if r["method"] == m and r["shots"] == n and r.get("per_class")]
+            if runs:
+                rows.append((m, runs))
+        if not rows:
+            continue
+        lines.append(f"\nPer class at {n} shot{'s' if n > 1 else ''} (Dice, HD95 mm):\n")
+        lines.append("| method | " + " | ".join(classes) + " |")
+        lines.append("|---|" + "---:|" * len(classes))
+        def cell(values):
+            d = np.nanmean([v["dice"] for v in values]) if values else float("nan")
+            h = np.nanmean([v["hd95_mm"] for v in values]) if values and any(math.isfinite(v["hd95_mm"]) for v in values) else float("nan")
+            return f"{d:.2f} ({h:.1f})" if math.isfinite(h) else f"{d:.2f}"
+        for m, runs in rows:
+            lines.append(f"| {m} | " + " | ".join(cell([r["per_class"][c] for r in runs if c in r["per_class"]]) for c in classes) + " |")
+        for name, b in payload.get("baselines", {}).items():
+            if b.get("per_class"):
+                lines.append(f"| {name} (zero-shot) | " + " | ".join(cell([b["per_class"][c]]) if c in b["per_class"] else "-"
+                                                                  for c in classes) + " |")
+    return lines
 
 
 def settings_text(settings: dict) -> str:
@@ -529,8 +641,10 @@ def plot(payload: dict, dice_path: Path, loss_path: Path) -> None:
     ax.set_xticks(shots)
     ax.set_xticklabels([str(s) for s in shots])
     ax.set_xlabel("annotated training slices")
-    ax.set_ylabel("mean Dice (GM, WM) on unseen slices")
-    ax.set_title(f"MNI152, {payload['settings']['steps']} fine-tuning steps per SAM run")
+    ax.set_ylabel("mean Dice over the classes, unseen slices")
+    steps = payload["settings"].get("steps")
+    ax.set_title(f"{payload.get('task_name', 'mni152_tissue')}, "
+                 + (f"{steps} fine-tuning steps per SAM run" if steps else "steps chosen by the data"), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(dice_path, dpi=110)
@@ -554,13 +668,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..training import FinetuneConfig
 
     trainer = FinetuneConfig()  # the same recipe `medsaga finetune` uses, unless overridden here
+    parser.add_argument("--task", nargs="+", default=["mni152_tissue"], metavar="TASK",
+                        help="task(s): mni152_tissue (default), colin27_aal, colin27_aal_lr (Debian mricron-data), or all")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10],
                         help="training slice counts (default 1 5 10; the full sweep: 1 3 5 10 20)")
     parser.add_argument("--seeds", type=int, default=1, help="draws of training slices per count (default 1; full: 3)")
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(DEFAULT_METHODS),
                         help="methods of the Dice sweep (none: only the baselines and loss curves)")
     parser.add_argument("--steps", type=int, default=trainer.steps,
-                        help=f"fine-tuning steps per run (default {trainer.steps}, as finetune; full sweep: 200)")
+                        help="fine-tuning steps per run (default: as finetune, chosen by the data within --time-budget "
+                             "by patience on the validation slices; the earlier MNI152 sweep used 60)")
+    parser.add_argument("--time-budget", type=float, default=trainer.time_budget,
+                        help=f"seconds per run when the steps are chosen by the data (default {trainer.time_budget:g}, as finetune)")
+    parser.add_argument("--crop", choices=("auto", "on", "off"), default=trainer.crop,
+                        help=f"crop to the painted structures (default {trainer.crop}, as finetune)")
+    parser.add_argument("--class-weighting", choices=("none", "balanced"), default=trainer.class_weighting,
+                        help=f"class weights of the loss (default {trainer.class_weighting}, as finetune)")
     parser.add_argument("--batch-size", type=int, default=trainer.batch_size)
     parser.add_argument("--lr", type=float, default=trainer.lr, help=f"learning rate (default {trainer.lr}, as finetune)")
     parser.add_argument("--warmup", type=int, default=trainer.warmup)

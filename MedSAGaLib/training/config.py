@@ -26,7 +26,12 @@ class FinetuneConfig:
     """
 
     method: str = "galore"
-    steps: int = 60
+    # None: the data decide (train until the held-out painted slices stop improving, within ``time_budget``
+    # seconds and ``max_steps``); a number: exactly that many steps
+    steps: Optional[int] = None
+    time_budget: float = 240.0  # seconds, preparation included; a 5-slice task finishes within 5 minutes on 2 CPU cores
+    max_steps: int = 400
+    patience: int = 3  # validation checks (every ``val_every`` steps, 20 when adaptive) without improvement
     batch_size: int = 2
     # decoder, prompt embeddings and non-GaLore encoder parameters; chosen by the validation search of
     # docs/results/quality_sweep.json: at 3e-3 every method scored far lower and most collapsed, so the
@@ -51,7 +56,13 @@ class FinetuneConfig:
     # loss
     dice_weight: float = 0.8
     ce_weight: float = 0.2
+    # "balanced": each class (background too) weighted by 1/sqrt(its share of the painted pixels) in CE and Dice
+    class_weighting: str = "none"
     dice_background: bool = False  # background in the Dice term (measured: without it the classes emerge sooner)
+    # small structures: crop every slice to the box around the painted structures (plus margin) so they
+    # reach the model at a higher resolution ("auto": when that box is small; "on", "off")
+    crop: str = "auto"
+    crop_margin: float = 0.25
     # data
     augment: bool = True
     augment_copies: int = 4  # versions of each training slice (the first unaugmented) when stages are cached
@@ -68,8 +79,18 @@ class FinetuneConfig:
     def validate(self) -> "FinetuneConfig":
         if self.method not in METHODS:
             raise TrainingError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise TrainingError("--steps must be at least 1.")
+        if not self.time_budget > 0:
+            raise TrainingError("--time-budget must be a positive number of seconds.")
+        if self.max_steps < 1 or self.patience < 1:
+            raise TrainingError("max_steps and patience must be at least 1.")
+        if self.class_weighting not in ("none", "balanced"):
+            raise TrainingError(f"Unknown class weighting {self.class_weighting!r}; choose none or balanced.")
+        if self.crop not in ("auto", "on", "off"):
+            raise TrainingError(f"Unknown crop mode {self.crop!r}; choose auto, on or off.")
+        if not 0 <= self.crop_margin <= 2:
+            raise TrainingError("crop_margin must be between 0 and 2 (a fraction of the box size).")
         if self.batch_size < 1:
             raise TrainingError("The batch size must be at least 1.")
         if not self.lr > 0 or (self.encoder_lr is not None and not self.encoder_lr > 0):

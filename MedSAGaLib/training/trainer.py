@@ -25,7 +25,10 @@ from ..events import event
 from ..inference import resolve_device
 from ..metrics import dice_per_class, mean_finite
 from ..preprocess import SliceTransform
+from ..roi import choose_roi
+from .budget import PROBE_STEPS, StepBudget
 from .config import FinetuneConfig, TrainingError
+from .diagnosis import stuck_classes
 from .data import BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, select_validation
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
 from .lora import LoRAQKV, apply_lora, lora_parameters, merge_lora
@@ -56,6 +59,10 @@ class FinetuneResult:
     galore_parameters: int = 0
     notes: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    decisions: list = field(default_factory=list)  # what the run decided (crop, step plan), as sentences
+    stop_reason: str = ""
+    warnings: list = field(default_factory=list)  # classes not learned, with what to paint
+    roi: Optional[dict] = None  # the crop box on the input slices, if any
 
     @property
     def mean_val_dice(self) -> float:
@@ -75,6 +82,10 @@ class FinetuneResult:
             "galore_parameters": self.galore_parameters,
             "seconds_per_step": round(self.seconds_per_step, 3),
             "final_loss": None if math.isnan(self.final_loss) else round(self.final_loss, 5),
+            "decisions": list(self.decisions),
+            "stop_reason": self.stop_reason,
+            "warnings": list(self.warnings),
+            "roi": self.roi,
             "config": cfg,
         }
 
@@ -110,6 +121,57 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for part in ("a_q", "b_q", "a_v", "b_v"):
                 state.pop(prefix + part + ".weight", None)
     return state
+
+
+def class_balance_weights(labels: Sequence[np.ndarray], num_classes: int, cap: float = 10.0) -> list[float]:
+    """1/sqrt(pixel share) per class 0..k over the painted slices, mean 1, at most ``cap`` x the smallest."""
+    counts = np.zeros(num_classes + 1)
+    for lab in labels:
+        counts += np.bincount(np.asarray(lab).ravel().astype(np.int64), minlength=num_classes + 1)[: num_classes + 1]
+    raw = 1.0 / np.sqrt(np.maximum(counts, 1.0) / counts.sum())
+    raw = np.minimum(raw, cap * raw.min())
+    return (raw / raw.mean()).tolist()
+
+
+class StepBudgetHook:
+    """The data-chosen length of a run (``config.steps`` None): plans the steps from the measured time per
+    step within ``config.time_budget``, and ends the run when validation stops improving (patience) or
+    the time is spent. A :class:`TrainingHook`; the decisions land in the result."""
+
+    def __init__(self, config: FinetuneConfig, has_validation: bool) -> None:
+        self.budget = StepBudget(config.time_budget, config.max_steps, patience=config.patience,
+                                 val_every=config.val_every or 20)
+        self.has_validation = has_validation
+        self.validation_seconds = 0.0
+        self.step_times: list[float] = []
+        self.last = None
+
+    def on_step_end(self, trainer, entry: dict) -> None:
+        now = time.perf_counter()
+        done = entry["step"]
+        if self.last is not None:
+            self.step_times.append(now - self.last)
+        self.last = now
+        if done == PROBE_STEPS:  # the first step pays one-off costs (GaLore's first SVD): plan from the later ones
+            per_step = float(np.mean(self.step_times)) if self.step_times else trainer.result.seconds_per_step
+            trainer.total_steps = self.budget.plan(trainer.elapsed(), per_step, done, self.validation_seconds)
+        recent = float(np.mean(self.step_times[-5:])) if self.step_times else 0.0
+        if self.budget.finished(done) or self.budget.out_of_time(trainer.elapsed(), recent):
+            trainer.total_steps = done  # the loop ends after this step; not a user stop
+
+    def on_validation_end(self, trainer, step: int, dice: dict) -> None:
+        if step > 0:
+            self.budget.observe(step, mean_finite(dice))
+        self.last = time.perf_counter()  # validation time is not step time
+
+    def on_finished(self, trainer, result) -> None:
+        result.decisions.extend(self.budget.decisions)
+        if not self.has_validation:
+            result.decisions.append("no held-out painted slice, so no early stopping: trained for the steps that "
+                                    "fit in the time budget")
+        if not result.stopped and self.budget.stop_reason:
+            result.stop_reason = self.budget.stop_reason
+            result.decisions.append(f"stopped after {result.steps_done} steps: {self.budget.stop_reason}")
 
 
 def _set_train_modes(segmenter: nn.Module) -> None:
@@ -205,11 +267,29 @@ class Trainer:
         self.segmenter = segmenter
         self.num_classes = segmenter.num_classes
         check_training_data(images01, labels, self.num_classes, getattr(segmenter, "class_names", None))
-        self.images01, self.labels = images01, labels
         self.val_images = list(val_images or [])
         self.val_labels = list(val_labels or [])
         if len(self.val_images) != len(self.val_labels):
             raise TrainingError("Give one label slice per validation image slice.")
+        self.result = FinetuneResult(config=config.to_dict())
+        self.painted_labels = list(labels)
+        # small structures: crop to the painted region (the model keeps the box for segmenting)
+        roi = getattr(segmenter, "roi", None)
+        if roi is not None and config.crop != "off" and tuple(roi.slice_shape) == tuple(np.shape(images01[0])):
+            why = "cropping to the region of interest the model was trained with"
+        elif len({tuple(np.shape(x)) for x in list(labels) + self.val_labels}) > 1:
+            roi, why = None, "no crop: the slices differ in shape"
+        else:
+            roi, why = choose_roi(labels, config.crop, config.crop_margin)
+        segmenter.roi = roi
+        self.result.roi = roi.to_dict() if roi is not None else None
+        self.result.decisions.append(why)
+        if roi is not None:
+            images01, labels = [roi.crop(x) for x in images01], [roi.crop(x) for x in labels]
+            self.val_images = [roi.crop(x) for x in self.val_images]
+            self.val_labels = [roi.crop(x) for x in self.val_labels]
+        self.images01, self.labels = images01, labels
+        self.total_steps = config.steps if config.steps is not None else config.max_steps
         self.device = resolve_device(config.device)
         amp_dtype = _autocast_dtype(config.precision, self.device)
         if amp_dtype is not None and self.method.layerwise and amp_dtype == torch.float16:
@@ -220,7 +300,10 @@ class Trainer:
         self.stop_requested = False
         self.feature_cache = feature_cache
         self.hooks = list(hooks)
-        self.result = FinetuneResult(config=config.to_dict())
+        self.budget_hook = None
+        if config.steps is None:
+            self.budget_hook = StepBudgetHook(config, bool(self.val_images))
+            self.hooks.append(self.budget_hook)
         self.best_state = None
         self.best_score = -1.0
         self.wrapped: list[LoRAQKV] = []
@@ -338,9 +421,15 @@ class Trainer:
 
         from monai.losses import DiceCELoss
 
+        weight = None
+        if config.class_weighting == "balanced":
+            weight = torch.as_tensor(class_balance_weights(self.labels, self.num_classes), dtype=torch.float32,
+                                     device=self.device)
+            self.result.decisions.append("class weights " + ", ".join(
+                f"{n} {w:.2f}" for n, w in zip(["background"] + list(segmenter.class_names), weight.tolist())))
         self.loss_fn = DiceCELoss(
             to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight, lambda_ce=config.ce_weight, batch=True,
-            include_background=config.dice_background,
+            include_background=config.dice_background, weight=weight,
         )
         self.sampler = BatchSampler(len(self.pool_images), config.batch_size, config.seed)
 
@@ -398,7 +487,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step (``step`` counts from 0): (loss, learning rate)."""
         config = self.config
-        lr = self.optimizer.set_lr_factor(lr_factor(step, config.steps, config.warmup, config.poly_power))
+        lr = self.optimizer.set_lr_factor(lr_factor(step, self.total_steps, config.warmup, config.poly_power))
         feats, target = self.batch()
         loss = self.loss_fn(self.forward(feats), target)
         if not torch.isfinite(loss):
@@ -425,11 +514,14 @@ class Trainer:
                 result.initial_val_dice = last_val = self.validate()
                 self.consider(0, result.initial_val_dice)
                 result.history.append({"step": 0, "val_dice": result.initial_val_dice})
-                self.emit(event("validate", step=0, steps=config.steps, val_dice=result.initial_val_dice,
+                self.emit(event("validate", step=0, steps=self.total_steps, val_dice=result.initial_val_dice,
                                 elapsed=self.elapsed()))
-            val_every = config.val_every or max(1, math.ceil(config.steps / 4))
+            val_every = config.val_every or (self.budget_hook.budget.val_every if self.budget_hook
+                                             else max(1, math.ceil(config.steps / 4)))
             train_start = time.perf_counter()
-            for step in range(config.steps):
+            step = -1
+            while step + 1 < self.total_steps:
+                step += 1
                 if self.should_stop():
                     result.stopped = True
                     break
@@ -438,12 +530,12 @@ class Trainer:
                 step_times.append(time.perf_counter() - t0)
                 done = result.steps_done = step + 1
                 result.final_loss = loss
-                entry = {"step": done, "steps": config.steps, "loss": loss, "lr": lr}
-                if len(self.val) and (done % val_every == 0 or done == config.steps):
+                entry = {"step": done, "steps": self.total_steps, "loss": loss, "lr": lr}
+                if len(self.val) and (done % val_every == 0 or done == self.total_steps):
                     last_val = entry["val_dice"] = self.validate()
                     self.consider(done, last_val)
                 entry["elapsed"] = self.elapsed()
-                entry["eta"] = (time.perf_counter() - train_start) / done * (config.steps - done)
+                entry["eta"] = (time.perf_counter() - train_start) / done * (self.total_steps - done)
                 entry["val_dice"] = entry.get("val_dice", last_val)
                 result.history.append(entry)
                 self.emit(event("step", **entry))
@@ -461,6 +553,14 @@ class Trainer:
             self.teardown()
         self.finish(step_times)
         self.fire("on_finished", result)
+        if self.budget_hook is None:
+            result.stop_reason = "stopped by the user" if result.stopped else f"the {config.steps} steps asked for"
+        elif result.stopped:
+            result.stop_reason = "stopped by the user"
+        if self.val_images:
+            result.decisions.append(f"kept the model of step {result.best_step} (best mean validation Dice)")
+        result.warnings = stuck_classes(result.val_dice, self.painted_labels, list(self.segmenter.class_names),
+                                        val_labels=self.val_labels if self.val_images else None)
         return result
 
     def teardown(self) -> None:
@@ -492,5 +592,5 @@ def finetune(*args: Any, **kwargs: Any) -> FinetuneResult:
     return Trainer(*args, **kwargs).run()
 
 
-__all__ = ["FinetuneResult", "Trainer", "TrainingHook", "finetune", "parameter_groups", "plain_state_dict",
+__all__ = ["FinetuneResult", "StepBudgetHook", "Trainer", "TrainingHook", "class_balance_weights", "finetune", "parameter_groups", "plain_state_dict",
            "DEFAULT_TRAIN_STAGES"]
