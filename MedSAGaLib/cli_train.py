@@ -334,8 +334,13 @@ def run_finetune(args) -> int:
     ).validate()
     config.warmup = min(config.warmup, max(0, config.steps - 1))
 
-    progress = Progress(args.progress, config.steps)
-    if progress.mode != "json":
+    from .training.distributed import is_main_process, shutdown
+
+    main_rank = is_main_process()  # under torchrun, rank 0 alone reports and writes the model
+    progress = Progress(args.progress if main_rank else "none", config.steps)
+    if not main_rank:
+        pass
+    elif progress.mode != "json":
         scored = min(len(val_idx), config.max_val_slices or len(val_idx))
         print(f"Training on {len(train_idx)} slice(s) {_ranges(train_idx)}; validating on {scored} of the "
               f"{len(val_idx)} other annotated slice(s) ({_ranges(val_idx) or 'none'}), evenly spread; "
@@ -354,6 +359,9 @@ def run_finetune(args) -> int:
             raise
         finally:
             progress.close()
+    if not main_rank:
+        shutdown()
+        return 0
     if result.steps_done == 0:
         kept = " (the existing file is unchanged)" if output.exists() else ""
         print(f"medsaga finetune: stopped before the first step; nothing written{kept}.", file=sys.stderr)
@@ -390,6 +398,7 @@ def run_finetune(args) -> int:
         for note in result.notes:
             print(f"Note: {note}", file=sys.stderr)
         print(f"Wrote {output}")
+    shutdown()
     return 0
 
 

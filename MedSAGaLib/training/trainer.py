@@ -19,6 +19,7 @@ from torch import nn
 
 from ..inference import resolve_device
 from .config import FinetuneConfig, TrainingError
+from .distributed import DistributedTraining
 from .data import BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, select_validation
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
 from .lora import LoRAQKV, apply_lora, lora_parameters, merge_lora
@@ -147,7 +148,11 @@ def finetune(
     val_labels = list(val_labels or [])
     if len(val_images) != len(val_labels):
         raise TrainingError("Give one label slice per validation image slice.")
-    device = resolve_device(config.device)
+    # under torchrun: join the process group; rank 0 alone validates and reports (None in one process)
+    ddp = DistributedTraining.from_environment(config.method, config.device)
+    device = ddp.device if ddp is not None else resolve_device(config.device)
+    if ddp is not None and not ddp.is_main:
+        val_images, val_labels, callback = [], [], None
     amp_dtype = _autocast_dtype(config.precision, device)
     if amp_dtype is not None and config.method == "galore-layerwise" and amp_dtype == torch.float16:
         amp_dtype = torch.bfloat16  # a gradient scaler cannot unscale inside per-parameter hooks
@@ -156,6 +161,10 @@ def finetune(
     start_time = time.perf_counter()
     torch.manual_seed(config.seed)
     result = FinetuneResult(config=config.to_dict())
+    if ddp is not None:
+        result.config["distributed"] = {"world_size": ddp.world_size, "backend": ddp.backend,
+                                        "global_batch": config.batch_size * ddp.world_size}
+        result.notes.append(ddp.describe(config.batch_size, config.lr))
 
     segmenter.to(device)
     for p in segmenter.parameters():
@@ -285,6 +294,14 @@ def finetune(
             with autocast():
                 return segmenter.decode(split.suffix(feats)).float()
 
+        train_module = ddp.wrap(segmenter, split.suffix) if ddp is not None else None
+
+        def train_forward(feats: torch.Tensor) -> torch.Tensor:
+            if train_module is None:
+                return forward(feats)
+            with autocast():
+                return train_module(feats).float()
+
         def validate() -> dict:
             if not len(val):
                 return {}
@@ -323,17 +340,23 @@ def finetune(
                   "elapsed": time.perf_counter() - start_time})
             _set_train_modes(segmenter)
 
-        sampler = BatchSampler(len(pool_images), config.batch_size, config.seed)
+        world = ddp.world_size if ddp is not None else 1
+        if world > 1 and len(pool_images) < config.batch_size * world:
+            raise TrainingError(
+                f"The global batch ({config.batch_size} x {world} processes) is larger than the {len(pool_images)} "
+                "training slices (with augmented copies): lower --batch-size or --nproc_per_node.")
+        # every rank draws the same global batch from the same shuffle and trains on its own part of it
+        sampler = BatchSampler(len(pool_images), config.batch_size * world, config.seed)
         step_times: list[float] = []
         train_start = time.perf_counter()
         last_val = result.initial_val_dice or None
         for step in range(config.steps):
-            if stop():
+            if ddp.any(stop()) if ddp is not None else stop():
                 result.stopped = True
                 break
             t0 = time.perf_counter()
             lr = optimizer.set_lr_factor(lr_factor(step, config.steps, config.warmup, config.poly_power))
-            idx = sampler.next()
+            idx = sampler.next() if ddp is None else ddp.shard(sampler.next())
             if pool_feats is not None:
                 feats = torch.stack([pool_feats[i] for i in idx])
                 target = torch.stack([pool_labels[i] for i in idx])
@@ -345,8 +368,8 @@ def finetune(
                 feats = (torch.stack([a for a, _ in pairs]).to(device) - mean) / std
                 target = torch.stack([b for _, b in pairs])
             target = target.to(device)[:, None]
-            logits = forward(feats)
-            loss = loss_fn(logits, target)
+            logits = train_forward(feats)
+            loss = loss_fn(logits, target) if ddp is None else ddp.global_loss(loss_fn, logits, target)
             if not torch.isfinite(loss):
                 raise TrainingError(f"The loss became {loss.item()} at step {step + 1}; lower --lr.")
             if scaler is not None:
