@@ -29,7 +29,8 @@ def add_segment_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "segment", help="segment a volume slice by slice",
         description="Segment every slice (or --slices) of a volume with an adapted model, or with box prompts.")
-    parser.add_argument("image", help="NIfTI, NRRD, MetaImage file or a DICOM series folder")
+    parser.add_argument("image", nargs="*",
+                        help="NIfTI, NRRD, MetaImage file or a DICOM series folder; several, folders or globs with --output-dir")
     parser.add_argument("--model", default="litemedsam",
                         help=f"adapted model file, or a base model ({', '.join(BASE_MODELS)}) for box prompts or an untrained head")
     parser.add_argument("--checkpoint", default=None, help="SAM checkpoint file for vit_b/vit_l/vit_h")
@@ -38,11 +39,14 @@ def add_segment_parser(subparsers) -> None:
     parser.add_argument("--boxes-from", default=None, metavar="LABELS",
                         help="label volume or .seg.nrrd: prompt each slice with each label's bounding box (zero-shot)")
     parser.add_argument("--box-margin", type=int, default=0, help="pixels added around each box (default 0)")
-    parser.add_argument("-o", "--output", required=True, help="output segmentation (.seg.nrrd)")
+    parser.add_argument("-o", "--output", default=None, help="output segmentation (.seg.nrrd) of one input")
     parser.add_argument("--labelmap", default=None, help="also write a plain label volume (e.g. OUT.nii.gz)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="slices per forward pass (default: 1 on a CPU, where it is fastest; 8 on a GPU)")
     _add_common_image_args(parser)
+    from .cohort import add_cohort_arguments
+
+    add_cohort_arguments(parser)
     parser.set_defaults(func=run_segment)
 
 
@@ -55,6 +59,13 @@ def run_segment(args) -> int:
     from .segio import read_labels, write_labelmap, write_seg_nrrd
     from .volume import array_from_image, normalize_with, parse_slices, parse_window, preprocessing_settings, read_volume, slice_axis
 
+    from .cohort import is_cohort_request, run_segment_cohort
+
+    if is_cohort_request(args):  # many inputs: a Dask cluster (MedSAGaLib/cohort.py)
+        return run_segment_cohort(args)
+    if len(args.image) != 1 or not args.output:
+        raise ValueError("Give one image and -o OUTPUT.seg.nrrd, or many inputs with --output-dir DIR.")
+    args.image = args.image[0]
     if not str(args.output).lower().endswith(".seg.nrrd"):
         raise ValueError(f"Output {args.output} must end in .seg.nrrd (use --labelmap for a plain label volume).")
     if args.batch_size is not None and args.batch_size < 1:

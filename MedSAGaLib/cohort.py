@@ -646,3 +646,62 @@ __all__ = [
     "CohortError", "CohortItem", "CohortReport", "SegmentSettings", "expand_inputs", "run_cohort", "process_item",
     "segment_image_file", "completed_row", "default_workers", "unique_names", "write_summary",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# command line: ``medsaga segment IMAGE [IMAGE ...] --model M --output-dir DIR``
+
+
+def add_cohort_arguments(parser) -> None:
+    """Options of ``medsaga segment`` for many inputs (the one-input options stay as they are)."""
+    group = parser.add_argument_group(
+        "many volumes (Dask)", "several images, folders or glob patterns, or --inputs-csv, segmented on a Dask cluster")
+    group.add_argument("--output-dir", default=None, metavar="DIR",
+                       help="segment every input into DIR/<name>.seg.nrrd, with DIR/summary.csv and summary.json")
+    group.add_argument("--inputs-csv", default=None, metavar="CSV",
+                       help="CSV with an 'image' column (optional 'output', 'labelmap'); paths relative to the CSV")
+    group.add_argument("--labelmaps", action="store_true", help="also write DIR/<name>.labels.nii.gz per input")
+    group.add_argument("--workers", type=int, default=None,
+                       help="worker processes of the local Dask cluster (default: one per 4 cores and per 3 GiB)")
+    group.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="use a running Dask scheduler (tcp://host:8786) instead of a local cluster")
+    group.add_argument("--threads-per-worker", type=int, default=None,
+                       help="PyTorch threads per worker (default: the host's cores shared among its workers)")
+    group.add_argument("--progress", choices=("auto", "tqdm", "json", "none"), default="auto",
+                       help="a bar over volumes (auto on a terminal), JSON lines on stdout, or none")
+
+
+def is_cohort_request(args) -> bool:
+    return bool(getattr(args, "output_dir", None) or getattr(args, "inputs_csv", None))
+
+
+def run_segment_cohort(args) -> int:
+    """``medsaga segment`` with --output-dir / --inputs-csv: returns 0 when every volume is segmented, 1 otherwise."""
+    from .modelfile import is_model_file
+
+    if not args.output_dir:
+        raise CohortError("Give --output-dir DIR for the outputs of many inputs.")
+    for option, value in (("-o/--output", args.output), ("--labelmap", args.labelmap), ("--boxes-from", args.boxes_from),
+                          ("--classes", args.classes)):
+        if value:
+            raise CohortError(f"{option} is for one input; with --output-dir the names come from the inputs "
+                              "(--labelmaps adds label maps, a CSV 'output' column sets names).")
+    if not is_model_file(args.model):
+        raise CohortError(f"{args.model} is a base model: segment a cohort with an adapted model file (medsaga finetune).")
+    if args.workers is not None and args.workers < 1:
+        raise CohortError("--workers must be at least 1.")
+    if args.workers is not None and args.scheduler:
+        raise CohortError("--workers sizes the local cluster; a running --scheduler has its own workers.")
+    items = expand_inputs(args.image, args.output_dir, args.inputs_csv, args.labelmaps)
+    settings = SegmentSettings(axis=args.axis, slices=args.slices, window=args.window, batch_size=args.batch_size,
+                               device=args.device)
+    report = run_cohort(items, args.model, args.output_dir, settings, workers=args.workers, scheduler=args.scheduler,
+                        torch_threads=args.threads_per_worker, progress=args.progress)
+    if args.progress != "json":
+        print(f"{report.count('done')} segmented, {report.count('skipped')} already done, {report.count('failed')} failed "
+              f"({report.seconds:.0f} s); summary: {report.summary_csv}")
+        for row in report.failed[:10]:
+            print(f"  failed: {row['input']}: {row['error']}", file=sys.stderr)
+        if len(report.failed) > 10:
+            print(f"  ... and {len(report.failed) - 10} more in the summary", file=sys.stderr)
+    return 1 if report.failed else 0

@@ -220,3 +220,28 @@ def test_killing_a_worker_mid_run_still_leaves_every_output_valid(tmp_path, volu
     # the nanny brought the killed worker back: the cluster still has 2 workers
     client.wait_for_workers(2, timeout=120)
     assert killed[next(iter(killed))] not in client.run(os.getpid).values()
+
+
+@pytest.mark.slow
+def test_segment_command_with_many_inputs(tmp_path, volumes, bad_inputs, cluster, tiny_model_file, capsys):
+    import json
+
+    from MedSAGaLib.cli import main
+
+    local, _ = cluster
+    out = tmp_path / "cli"
+    args = ["segment", str(volumes[0].parent), str(bad_inputs[0]), "--model", str(tiny_model_file),
+            "--output-dir", str(out), "--scheduler", local.scheduler_address, "--device", "cpu", "--labelmaps"]
+    assert _bounded(lambda: main(args + ["--progress", "json"])) == 1  # one input failed: the exit code says so
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events] == ["cohort-start"] + ["volume"] * 4 + ["cohort-end"]
+    assert events[-1]["counts"] == {"done": 3, "skipped": 0, "failed": 1}
+    assert sorted(p.name for p in out.glob("*.seg.nrrd")) == [f"sub-{n:02d}_T1w.seg.nrrd" for n in range(3)]
+    assert len(list(out.glob("*.labels.nii.gz"))) == 3
+
+    # one-input options do not mix with many inputs; several inputs need --output-dir
+    assert main(args + ["-o", str(tmp_path / "x.seg.nrrd")]) == 2
+    assert "for one input" in capsys.readouterr().err
+    assert main(["segment", str(volumes[0]), str(volumes[1]), "--model", str(tiny_model_file),
+                 "-o", str(tmp_path / "x.seg.nrrd")]) == 2
+    assert "--output-dir" in capsys.readouterr().err

@@ -115,11 +115,20 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny
     moved = [k for k, v in single.state_dict().items() if not torch.equal(v, start[k])]
     assert moved, "training changed nothing: the comparison would be empty"
     assert any(k.startswith("image_encoder") for k in moved) and any(k.startswith("mask_decoder") for k in moved)
+    lr = _config(method, 2).lr
+    differing, total = 0, 0
     for name, reference in single.state_dict().items():
         # both ranks hold the same weights (same averaged gradient, same GaLore projection) ...
         torch.testing.assert_close(ranks[1]["state"][name], ranks[0]["state"][name], rtol=0, atol=0)
-        # ... and they equal one process training on the whole global batch
-        torch.testing.assert_close(ranks[0]["state"][name], reference, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        # ... and they equal one process training on the whole global batch. AdamW's first steps move
+        # every weight by about lr whatever its gradient's size, so where a gradient is almost zero,
+        # float rounding (a sum of two halves against one sum) can move a weight by up to about lr:
+        # a tenth of lr bounds every weight, and almost all must agree to 1e-6.
+        diff = (ranks[0]["state"][name].double() - reference.double()).abs()
+        assert float(diff.max()) < 0.1 * lr, f"{name}: differs by {float(diff.max()):.2e}"
+        differing += int((diff > 1e-6).sum())
+        total += diff.numel()
+    assert differing <= 1e-4 * total, f"{differing} of {total} weights differ by more than 1e-6"
     assert ranks[0]["config"]["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch": 2}
     assert any("global batch 2 = 1 per process x 2" in n for n in ranks[0]["notes"])
 

@@ -153,7 +153,7 @@ class DistributedTraining:
         module = _SuffixAndHead(segmenter, suffix)
         self.module = DistributedDataParallel(
             module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=True, broadcast_buffers=False)
+            find_unused_parameters=True)
         return self.module
 
     def shard(self, global_indices: Sequence[int]) -> list[int]:
@@ -168,10 +168,15 @@ class DistributedTraining:
         to each rank's own logits is world_size times the global one; DDP's averaging divides it again,
         so the update equals one process training on the global batch.
         """
+        import warnings
+
         import torch.distributed as dist
         from torch.distributed.nn.functional import all_gather
 
-        all_logits = torch.cat(all_gather(logits.contiguous()), 0)
+        with warnings.catch_warnings():
+            # the public autograd-aware gather; its suggested successor is a private module
+            warnings.simplefilter("ignore", FutureWarning)
+            all_logits = torch.cat(all_gather(logits.contiguous()), 0)
         targets = [torch.empty_like(target) for _ in range(self.world_size)]
         dist.all_gather(targets, target.contiguous())
         return loss_fn(all_logits, torch.cat(targets, 0))
