@@ -8,42 +8,19 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .models import BASE_MODELS, ModelError
+from .commands import SEGMENT_OPTIONS, add_options
+from .models import ModelError
 from .modelfile import ModelFileError
 from .volume import VolumeError
 
 USER_ERRORS = (VolumeError, ModelFileError, ModelError, ValueError, FileNotFoundError, MemoryError)
 
 
-def _add_common_image_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--axis", default=None,
-                        help="slice axis: axial (default), coronal, sagittal (from the image's directions), or voxel axis i/j/k")
-    parser.add_argument("--slices", default=None, help="slices along the axis: A:B (B excluded) or a list 12,40,77 (from 0)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    parser.add_argument("--window", default=None,
-                        help="intensity window CENTRE,WIDTH or a CT preset (ct-soft, ct-abdomen, ct-lung, ct-bone, ct-brain); "
-                             "default: the model's own setting, else volume percentiles (MR)")
-
-
 def add_segment_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "segment", help="segment a volume slice by slice",
         description="Segment every slice (or --slices) of a volume with an adapted model, or with box prompts.")
-    parser.add_argument("image", nargs="*",
-                        help="NIfTI, NRRD, MetaImage file or a DICOM series folder; several, folders or globs with --output-dir")
-    parser.add_argument("--model", default="litemedsam",
-                        help=f"adapted model file, or a base model ({', '.join(BASE_MODELS)}) for box prompts or an untrained head")
-    parser.add_argument("--checkpoint", default=None, help="SAM checkpoint file for vit_b/vit_l/vit_h")
-    parser.add_argument("--image-size", type=int, default=None, help="model input size for vit_* base models")
-    parser.add_argument("--classes", nargs="+", default=None, help="class names (untrained head on a base model)")
-    parser.add_argument("--boxes-from", default=None, metavar="LABELS",
-                        help="label volume or .seg.nrrd: prompt each slice with each label's bounding box (zero-shot)")
-    parser.add_argument("--box-margin", type=int, default=0, help="pixels added around each box (default 0)")
-    parser.add_argument("-o", "--output", default=None, help="output segmentation (.seg.nrrd) of one input")
-    parser.add_argument("--labelmap", default=None, help="also write a plain label volume (e.g. OUT.nii.gz)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="slices per forward pass (default: 1 on a CPU, where it is fastest; 8 on a GPU)")
-    _add_common_image_args(parser)
+    add_options(parser, SEGMENT_OPTIONS)
     from .cohort import add_cohort_arguments
 
     add_cohort_arguments(parser)
@@ -57,10 +34,13 @@ def run_segment(args) -> int:
     from .modelfile import is_model_file, load_model
     from .models import build_base_model
     from .segio import read_labels, write_labelmap, write_seg_nrrd
-    from .volume import array_from_image, normalize_with, parse_slices, parse_window, preprocessing_settings, read_volume, slice_axis
+    from .slices import parse_slices
+    from .volume import array_from_image, normalize_with, parse_window, preprocessing_settings, read_volume, slice_axis
 
+    from .cli_train import _set_threads
     from .cohort import is_cohort_request, run_segment_cohort
 
+    _set_threads(args.threads)
     if is_cohort_request(args):  # many inputs: a Dask cluster (MedSAGaLib/cohort.py)
         return run_segment_cohort(args)
     if len(args.image) != 1 or not args.output:

@@ -12,64 +12,18 @@ from typing import Optional
 
 import numpy as np
 
-from .models import BASE_MODELS
-from .training.config import METHODS, FinetuneConfig, TrainingError
-
-
-def _common(parser) -> None:
-    parser.add_argument("--image", required=True, help="NIfTI, NRRD, MetaImage file or a DICOM series folder")
-    parser.add_argument("--labels", required=True, help="label volume on the image's grid, or a .seg.nrrd")
-    parser.add_argument("--axis", default=None, help="slice axis: axial (default), coronal, sagittal, or voxel axis i/j/k")
-    parser.add_argument("--slices", default=None,
-                        help="slices to use, voxel indices along the slice axis from 0: 12,40,77 or A:B")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    parser.add_argument("--window", default=None, help="intensity window CENTRE,WIDTH or a CT preset; default percentiles")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+from .commands import EVALUATE_OPTIONS, FINETUNE_OPTIONS, add_options
+from .events import describe, event, format_dice, jsonable, to_json_line
+from .slices import evenly_spread, labels_for_model, format_ranges, plan_slices, select_classes  # noqa: F401 (evenly_spread re-exported)
+from .training.config import FinetuneConfig, TrainingError
 
 
 def add_finetune_parser(subparsers) -> None:
-    defaults = FinetuneConfig()
     p = subparsers.add_parser(
         "finetune", help="adapt SAM to k classes from a few annotated slices",
         description="Fine-tune a SAM model (GaLore on the image encoder by default) on a few annotated slices "
                     "and write an adapted model file. Annotated slices not used for training measure validation Dice.")
-    _common(p)
-    p.add_argument("--shots", type=int, default=None, help="use N annotated slices, evenly spread")
-    p.add_argument("--classes", nargs="+", default=None,
-                   help="class names: rename the label values 1..k in order, or pick segments of a .seg.nrrd by name")
-    p.add_argument("--method", choices=METHODS, default=defaults.method, help="training method (default galore)")
-    p.add_argument("--base", default=None, choices=BASE_MODELS, help="base model (default litemedsam)")
-    p.add_argument("--checkpoint", default=None, help="SAM checkpoint file for vit_b/vit_l/vit_h")
-    p.add_argument("--image-size", type=int, default=None, help="model input size for vit_* (e.g. 512 as SAMed)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {defaults.steps})")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the training slices instead of --steps")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr})")
-    p.add_argument("--encoder-lr", type=float, default=None, help="encoder learning rate (default: --lr)")
-    p.add_argument("--warmup", type=int, default=defaults.warmup, help=f"linear warm-up steps before poly decay (default {defaults.warmup})")
-    p.add_argument("--rank", type=int, default=defaults.rank, help=f"GaLore rank (default {defaults.rank})")
-    p.add_argument("--update-proj-gap", type=int, default=defaults.update_proj_gap, help="steps between GaLore projector updates")
-    p.add_argument("--scale", type=float, default=defaults.scale,
-                   help=f"GaLore scale: multiplies the projected encoder update (default {defaults.scale:g})")
-    p.add_argument("--proj-type", default=defaults.proj_type, help="GaLore projection type (std, left, right, ...)")
-    p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="LoRA rank (method lora)")
-    p.add_argument("--train-stages", type=int, default=None,
-                   help="trailing encoder stages to train, 1-4 (default: 1 on a CPU; on a GPU 3 for litemedsam, 4 for vit_*); "
-                        "the stages in front are frozen and computed once per slice")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, more time)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16/fp16 mixed precision on a GPU, fp32 on the CPU")
-    p.add_argument("--no-augment", action="store_true", help="no data augmentation")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="when every annotated slice would train, hold out this fraction for validation (default 0.2)")
-    p.add_argument("--max-val-slices", type=int, default=defaults.max_val_slices,
-                   help=f"validation slices used during training (default {defaults.max_val_slices}, evenly spread)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", default=None, metavar="MODEL", help="continue training an adapted model file")
-    p.add_argument("--progress", choices=("auto", "tqdm", "json", "none"), default="auto",
-                   help="progress: tqdm bar (auto on a terminal), json lines on stdout, or none")
-    p.add_argument("-o", "--output", required=True, help="adapted model file to write (atomically)")
+    add_options(p, FINETUNE_OPTIONS)
     p.set_defaults(func=run_finetune)
 
 
@@ -77,10 +31,7 @@ def add_evaluate_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="Dice and HD95 per class against reference labels",
         description="Segment the annotated slices (or --slices) with a model and compare with reference labels.")
-    _common(p)
-    p.add_argument("--model", required=True, help="adapted model file")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 1 on a CPU, 8 on a GPU)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_options(p, EVALUATE_OPTIONS)
     p.set_defaults(func=run_evaluate)
 
 
@@ -92,70 +43,6 @@ def _set_threads(threads: Optional[int]) -> None:
         if threads < 1:
             raise ValueError("--threads must be at least 1.")
         torch.set_num_threads(threads)
-
-
-def select_classes(labels: np.ndarray, names: list, colors: list, wanted: Optional[list]) -> tuple:
-    """Apply ``--classes``: pick named segments (others become background) or rename values 1..k."""
-    if not wanted:
-        return labels, list(names), list(colors)
-    if len(set(wanted)) != len(wanted):
-        raise ValueError("--classes lists a name twice.")
-    if all(w in names for w in wanted) and list(wanted) != list(names):
-        lookup = np.zeros(len(names) + 1, dtype=np.uint8)
-        for new, w in enumerate(wanted, start=1):
-            lookup[names.index(w) + 1] = new
-        return lookup[labels], list(wanted), [colors[names.index(w)] for w in wanted]
-    if len(wanted) != len(names):
-        raise ValueError(
-            f"--classes names {len(wanted)} classes but the labels hold {len(names)} ({', '.join(names)}); "
-            "give one name per label value, or names of segments in the .seg.nrrd.")
-    return labels, list(wanted), list(colors)
-
-
-def evenly_spread(candidates: list[int], count: int) -> list[int]:
-    if count >= len(candidates):
-        return list(candidates)
-    picks = np.linspace(0, len(candidates) - 1, count + 2)[1:-1] if count > 1 else [len(candidates) / 2 - 0.5]
-    return sorted({candidates[int(round(x))] for x in picks})
-
-
-def plan_slices(annotated: list[int], requested: Optional[list[int]], shots: Optional[int], val_fraction: float):
-    """(training slices, validation slices) from the annotated slices and the user's choice."""
-    if not annotated:
-        raise TrainingError("The labels have no annotated slice along this axis: draw at least one slice first.")
-    if requested is not None:
-        missing = [s for s in requested if s not in set(annotated)]
-        if missing:
-            raise TrainingError(
-                f"Slices {missing[:10]} hold no annotation. Annotated slices: {_ranges(annotated)}.")
-        train = list(requested)
-    elif shots is not None:
-        if shots < 1:
-            raise TrainingError("--shots must be at least 1.")
-        train = evenly_spread(annotated, shots)
-    else:
-        train = list(annotated)
-    val = [s for s in annotated if s not in set(train)]
-    if not val and requested is None and shots is None and val_fraction > 0 and len(annotated) >= 3:
-        count = max(1, int(round(len(annotated) * val_fraction)))
-        val = evenly_spread(annotated, count)
-        train = [s for s in annotated if s not in set(val)]
-    return train, val
-
-
-def _ranges(values: list[int]) -> str:
-    out, start, prev = [], None, None
-    for v in values:
-        if start is None:
-            start = prev = v
-        elif v == prev + 1:
-            prev = v
-        else:
-            out.append(f"{start}-{prev}" if prev != start else str(start))
-            start = prev = v
-    if start is not None:
-        out.append(f"{start}-{prev}" if prev != start else str(start))
-    return ",".join(out)
 
 
 class StopFlag:
@@ -188,7 +75,7 @@ class StopFlag:
 
 
 class Progress:
-    """Per-step reporting: a tqdm bar, JSON lines on stdout, or quiet."""
+    """Reports progress events (``MedSAGaLib.events``): a tqdm bar, text lines, JSON lines on stdout, or quiet."""
 
     def __init__(self, mode: str, steps: int) -> None:
         if mode == "auto":
@@ -198,61 +85,39 @@ class Progress:
         self.steps = steps
         self.last_line = 0.0
 
-    def __call__(self, event: dict) -> None:
-        phase = event.get("phase")
+    def __call__(self, ev: dict) -> None:
+        kind = ev.get("event", "step")
         if self.mode == "json":
-            out = {k: v for k, v in event.items() if k != "phase"}
-            out["event"] = "step" if phase == "train" else phase
-            print(json.dumps(_jsonable(out)), flush=True)
+            print(to_json_line(ev), flush=True)
             return
-        if self.mode == "none":
+        if self.mode == "none" or kind in ("start", "done"):
             return
-        if phase in ("prepare", "prepare-validation"):
-            if self.mode == "lines" and event["done"] == event["total"]:
-                print(f"{phase}: {event['total']} slices ready ({event['elapsed']:.0f} s)", file=sys.stderr, flush=True)
+        if kind in ("prepare", "prepare-validation"):
+            if self.mode == "lines" and ev["done"] == ev["total"]:
+                print(f"{describe(ev)} ({ev['elapsed']:.0f} s)", file=sys.stderr, flush=True)
             return
-        if phase == "validate":
-            print(f"validation Dice before training: {_fmt_dice(event['val_dice'])}", file=sys.stderr, flush=True)
+        if kind != "step":
+            print(describe(ev), file=sys.stderr, flush=True)
             return
         if self.mode == "tqdm":
             if self.bar is None:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=event["steps"], desc="Fine-tuning", unit="step")
+                self.bar = tqdm(total=ev["steps"], desc="Fine-tuning", unit="step")
             self.bar.update(1)
-            post = {"loss": f"{event['loss']:.4f}", "lr": f"{event['lr']:.2e}"}
-            if event.get("val_dice"):
-                post["val"] = _fmt_dice(event["val_dice"])
+            post = {"loss": f"{ev['loss']:.4f}", "lr": f"{ev['lr']:.2e}"}
+            if ev.get("val_dice"):
+                post["val"] = format_dice(ev["val_dice"])
             self.bar.set_postfix(post)
         else:
             now = time.monotonic()
-            if now - self.last_line > 10 or event["step"] == event["steps"] or "val_dice" in event and event["step"] % 10 == 0:
+            if now - self.last_line > 10 or ev["step"] == ev["steps"] or ev.get("val_dice") and ev["step"] % 10 == 0:
                 self.last_line = now
-                msg = (f"step {event['step']}/{event['steps']} loss {event['loss']:.4f} lr {event['lr']:.2e} "
-                       f"elapsed {event['elapsed']:.0f} s eta {event['eta']:.0f} s")
-                if event.get("val_dice"):
-                    msg += f" val Dice {_fmt_dice(event['val_dice'])}"
-                print(msg, file=sys.stderr, flush=True)
+                print(describe(ev), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return _jsonable(value.item())
-    return value
-
-
-def _fmt_dice(d: dict) -> str:
-    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) and math.isfinite(v) else f"{k} n/a" for k, v in d.items())
 
 
 def load_task(args):
@@ -273,9 +138,10 @@ def run_finetune(args) -> int:
     from .head import ClassSegmenter
     from .modelfile import ModelFileError, load_model, read_metadata, save_model
     from .models import build_base_model
-    from .segio import annotated_slices
+    from .slices import annotated_slices
     from .training import finetune
-    from .volume import get_slice, normalize_with, parse_slices, parse_window, preprocessing_settings
+    from .slices import get_slice, parse_slices
+    from .volume import normalize_with, parse_window, preprocessing_settings
 
     _set_threads(args.threads)
     if args.slices is not None and args.shots is not None:
@@ -342,13 +208,13 @@ def run_finetune(args) -> int:
         pass
     elif progress.mode != "json":
         scored = min(len(val_idx), config.max_val_slices or len(val_idx))
-        print(f"Training on {len(train_idx)} slice(s) {_ranges(train_idx)}; validating on {scored} of the "
-              f"{len(val_idx)} other annotated slice(s) ({_ranges(val_idx) or 'none'}), evenly spread; "
+        print(f"Training on {len(train_idx)} slice(s) {format_ranges(train_idx)}; validating on {scored} of the "
+              f"{len(val_idx)} other annotated slice(s) ({format_ranges(val_idx) or 'none'}), evenly spread; "
               f"classes: {', '.join(names)}; method {config.method}, "
               f"{config.steps} steps", file=sys.stderr, flush=True)
     else:
-        print(json.dumps({"event": "start", "train_slices": train_idx, "val_slices": val_idx, "classes": names,
-                          "method": config.method, "steps": config.steps}), flush=True)
+        progress(event("start", train_slices=train_idx, val_slices=val_idx, classes=names, method=config.method,
+                       steps=config.steps))
     with StopFlag() as stop:
         try:
             result = finetune(segmenter, train_images, train_labels, config, val_images, val_labels,
@@ -376,25 +242,24 @@ def run_finetune(args) -> int:
     metadata = {
         "preprocessing": settings or preprocessing_settings(None),
         "axis": args.axis or "axial",
-        "training": _jsonable(training),
-        "validation_dice": _jsonable(result.val_dice),
+        "training": jsonable(training),
+        "validation_dice": jsonable(result.val_dice),
     }
     save_model(output, segmenter, metadata)
-    summary = {
-        "event": "done", "model": str(output), "steps": result.steps_done, "stopped": result.stopped,
-        "best_step": result.best_step, "val_dice": result.val_dice, "initial_val_dice": result.initial_val_dice,
-        "seconds_per_step": round(result.seconds_per_step, 3), "seconds": round(result.total_seconds, 1),
-    }
+    summary = event(
+        "done", model=str(output), steps=result.steps_done, stopped=result.stopped, best_step=result.best_step,
+        val_dice=result.val_dice, initial_val_dice=result.initial_val_dice,
+        seconds_per_step=round(result.seconds_per_step, 3), seconds=round(result.total_seconds, 1))
     if progress.mode == "json":
-        print(json.dumps(_jsonable(summary)), flush=True)
+        progress(summary)
     else:
         state = "stopped early at step" if result.stopped else "finished"
         print(f"Fine-tuning {state} {result.steps_done}; {result.seconds_per_step:.2f} s/step, "
               f"{result.total_seconds:.0f} s in all.", file=sys.stderr)
         if result.val_dice:
-            print(f"Validation Dice (step {result.best_step}, kept): {_fmt_dice(result.val_dice)}", file=sys.stderr)
+            print(f"Validation Dice (step {result.best_step}, kept): {format_dice(result.val_dice)}", file=sys.stderr)
             if result.initial_val_dice:
-                print(f"Validation Dice before training:   {_fmt_dice(result.initial_val_dice)}", file=sys.stderr)
+                print(f"Validation Dice before training:   {format_dice(result.initial_val_dice)}", file=sys.stderr)
         for note in result.notes:
             print(f"Note: {note}", file=sys.stderr)
         print(f"Wrote {output}")
@@ -409,20 +274,6 @@ def _device_name(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-def match_classes(model_names: list[str], label_names: list[str], labels: np.ndarray) -> np.ndarray:
-    """Label values renumbered to the model's class order (by name, else by order)."""
-    if all(n in label_names for n in model_names):
-        lookup = np.zeros(len(label_names) + 1, dtype=np.uint8)
-        for new, n in enumerate(model_names, start=1):
-            lookup[label_names.index(n) + 1] = new
-        return lookup[labels]
-    if len(model_names) == len(label_names):
-        return labels
-    raise ValueError(
-        f"The model segments {model_names}, the labels hold {label_names}: name the segments as the model's "
-        "classes, or give a label volume with one value per class.")
-
-
 def evaluate_labels(pred: np.ndarray, ref: np.ndarray, num_classes: int, spacing2d) -> dict:
     """Per class: Dice over all given slices (MONAI), HD95 in mm averaged over slices where both are non-empty."""
     import torch
@@ -450,8 +301,9 @@ def evaluate_labels(pred: np.ndarray, ref: np.ndarray, num_classes: int, spacing
 def run_evaluate(args) -> int:
     from .inference import resolve_device, segment_volume
     from .modelfile import load_model
-    from .segio import annotated_slices
-    from .volume import normalize_with, parse_slices, parse_window, preprocessing_settings
+    from .slices import annotated_slices
+    from .slices import parse_slices
+    from .volume import normalize_with, parse_window, preprocessing_settings
 
     _set_threads(args.threads)
     segmenter = load_model(args.model)
@@ -460,7 +312,7 @@ def run_evaluate(args) -> int:
     from .volume import slice_axis
 
     axis = slice_axis(image, args.axis or meta.get("axis") or "axial")
-    labels = match_classes(segmenter.class_names, names, labels)
+    labels = labels_for_model(segmenter.class_names, names, labels)
     slices = parse_slices(args.slices, array.shape[axis]) or annotated_slices(labels, axis)
     if not slices:
         raise ValueError("The labels have no annotated slice to evaluate on; give --slices.")
@@ -482,7 +334,7 @@ def run_evaluate(args) -> int:
                "mean_dice": float(np.mean(dices)) if dices else None,
                "mean_hd95_mm": float(np.mean(hds)) if hds else None, "training_slices_included": overlap}
     if args.json:
-        print(json.dumps(_jsonable(summary), indent=2))
+        print(json.dumps(jsonable(summary), indent=2))
         return 0
     width = max(8, *(len(r["name"]) for r in rows))
     print(f"{'class':<{width}}  {'Dice':>6}  {'HD95 mm':>8}  slices")
@@ -494,6 +346,6 @@ def run_evaluate(args) -> int:
         print(f"{'mean':<{width}}  {np.mean(dices):>6.3f}  {(np.mean(hds) if hds else float('nan')):>8.2f}")
     print(f"{len(slices)} slices evaluated; HD95 is per slice (in-plane, mm), averaged over slices where both are non-empty.")
     if overlap:
-        print(f"Note: {len(overlap)} of these slices were used for training ({_ranges(overlap)}); "
+        print(f"Note: {len(overlap)} of these slices were used for training ({format_ranges(overlap)}); "
               "their scores are not an honest estimate.")
     return 0

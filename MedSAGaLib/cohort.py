@@ -488,7 +488,9 @@ class _Progress:
 
     def emit(self, kind: str, **fields) -> None:
         if self.mode == "json":
-            print(json.dumps({"event": kind, **fields}), flush=True)
+            from .events import event, to_json_line
+
+            print(to_json_line(event(kind, **fields)), flush=True)
 
     def row(self, row: dict) -> None:
         self.done += 1

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_train import Progress, _fmt_dice, _jsonable, evenly_spread, evaluate_labels
+from .cli_train import Progress, evaluate_labels
+from .events import format_dice as _fmt_dice, jsonable as _jsonable
+from .slices import evenly_spread
 from .training import FinetuneConfig, finetune
 
 DEMO_DEFAULTS = dict(steps=60, baseline_steps=60, shots=5, val_slices=8)
@@ -111,8 +113,9 @@ def main(argv=None) -> int:
     from .inference import predict_slices, segment_volume
     from .modelfile import save_model
     from .models import build_base_model
-    from .segio import annotated_slices, write_seg_nrrd
-    from .volume import get_slice, normalize_intensity, preprocessing_settings, slice_axis
+    from .segio import write_seg_nrrd
+    from .slices import annotated_slices, get_slice
+    from .volume import normalize_intensity, preprocessing_settings, slice_axis
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from .fastpath import inference_copy
 from .head import ClassSegmenter, predict_boxes
 from .models import BaseSam
 from .preprocess import SliceTransform
-from .volume import get_slice
+from .slices import bounding_box, get_slice  # noqa: F401 (bounding_box re-exported)
 
 Progress = Union[bool, Callable[[int, int], None], None]
 
@@ -103,21 +103,6 @@ def segment_volume(
             view[axis] = index
             labels[tuple(view)] = prediction
     return labels
-
-
-def bounding_box(mask: np.ndarray, margin: int = 0) -> Optional[list[float]]:
-    """(x0, y0, x1, y1) of a 2-D mask's foreground, grown by ``margin`` pixels; None when empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    height, width = mask.shape
-    return [
-        float(max(cols[0] - margin, 0)),
-        float(max(rows[0] - margin, 0)),
-        float(min(cols[-1] + 1 + margin, width)),
-        float(min(rows[-1] + 1 + margin, height)),
-    ]
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .fileio import atomic_write
+from .slices import annotated_slices  # noqa: F401 (re-exported)
 from .volume import VolumeError, check_volume, describe_geometry, same_geometry
 
 
@@ -139,9 +140,3 @@ def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
     for new, old in enumerate(values, start=1):
         lookup[old] = new
     return lookup[labels], values
-
-
-def annotated_slices(labels: np.ndarray, axis: int) -> list[int]:
-    """Slices along ``axis`` that hold any label."""
-    other = tuple(a for a in range(3) if a != axis)
-    return [int(i) for i in np.flatnonzero(labels.any(axis=other))]

@@ -7,15 +7,13 @@ slice the way the user sees them.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-# Physical (LPS) axis each anatomical plane is perpendicular to.
-PLANE_NORMALS = {"sagittal": 0, "coronal": 1, "axial": 2}
+from .slices import PLANE_NORMALS, VolumeError, axis_index, get_slice, parse_slices, plane_axes  # noqa: F401 (re-exported)
 
 # CT windows (centre, width) in Hounsfield units.
 CT_WINDOWS = {
@@ -25,10 +23,6 @@ CT_WINDOWS = {
     "ct-bone": (400.0, 1800.0),
     "ct-brain": (40.0, 80.0),
 }
-
-
-class VolumeError(ValueError):
-    """An image or label volume that cannot be used, with the reason."""
 
 
 def read_volume(path: str | Path) -> sitk.Image:
@@ -77,34 +71,12 @@ def array_from_image(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
 
 
-def plane_axes(direction: Sequence[float]) -> dict[str, int]:
-    """Map each plane to the voxel axis (i=0, j=1, k=2) closest to its normal.
-
-    ``direction`` is ITK's row-major 3x3 matrix whose columns are the voxel axes in LPS. The best
-    one-to-one assignment is used, so a strongly oblique volume still gets three distinct axes.
-    """
-    matrix = np.abs(np.asarray(direction, dtype=float).reshape(3, 3))
-    best = max(itertools.permutations(range(3)), key=lambda perm: sum(matrix[phys, perm[phys]] for phys in range(3)))
-    return {plane: best[phys] for plane, phys in PLANE_NORMALS.items()}
-
-
 def slice_axis(image: sitk.Image, axis: str | int = "axial") -> int:
     """The numpy axis of the (z, y, x) array to slice along.
 
     ``axis`` is a plane name (axial, coronal, sagittal) or a voxel axis letter i/j/k or number 0-2.
     """
-    if isinstance(axis, str) and axis.lower() in PLANE_NORMALS:
-        voxel_axis = plane_axes(image.GetDirection())[axis.lower()]
-    elif str(axis).lower() in ("i", "j", "k"):
-        voxel_axis = "ijk".index(str(axis).lower())
-    else:
-        try:
-            voxel_axis = int(axis)
-        except (TypeError, ValueError):
-            raise VolumeError(f"Unknown slice axis {axis!r}; use axial, coronal, sagittal, i, j, k or 0-2.") from None
-        if voxel_axis not in (0, 1, 2):
-            raise VolumeError(f"Slice axis {voxel_axis} is out of range; a volume has voxel axes 0, 1 and 2.")
-    return 2 - voxel_axis
+    return axis_index(image.GetDirection(), axis)
 
 
 def check_intensities(array: np.ndarray, name: str = "image") -> None:
@@ -161,37 +133,6 @@ def normalize_with(array: np.ndarray, settings: dict) -> np.ndarray:
     if settings.get("intensity") == "window":
         return normalize_intensity(array, window=tuple(settings["window"]))
     return normalize_intensity(array, percentiles=tuple(settings.get("percentiles", (0.5, 99.5))))
-
-
-def get_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
-    return np.take(array, index, axis=axis)
-
-
-def parse_slices(text: Optional[str], count: int) -> Optional[list[int]]:
-    """``"A:B"`` / ``"A:B:STEP"`` (B exclusive), ``"12,40,77"`` or None -> sorted slice indices, checked against ``count``."""
-    if text is None or str(text).strip() == "":
-        return None
-    text = str(text).strip()
-    try:
-        if ":" in text:
-            parts = text.split(":")
-            if len(parts) > 3:
-                raise ValueError
-            start, stop = parts[0], parts[1]
-            step = int(parts[2]) if len(parts) == 3 and parts[2] else 1
-            if step < 1:
-                raise ValueError
-            indices = list(range(int(start or 0), int(stop) if stop else count, step))
-        else:
-            indices = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise VolumeError(f"Slices {text!r} are not 'A:B', 'A:B:STEP' or a comma-separated list of numbers.") from None
-    if not indices:
-        raise VolumeError(f"Slices {text!r} select no slice.")
-    bad = [i for i in indices if not 0 <= i < count]
-    if bad:
-        raise VolumeError(f"Slices {bad[:5]} are outside the volume, which has slices 0 to {count - 1} on this axis.")
-    return sorted(set(indices))
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:

@@ -16,7 +16,8 @@ import SimpleITK as sitk
 
 from conftest import make_volume
 from MedSAGaLib.cli import main
-from MedSAGaLib.cli_train import evenly_spread, plan_slices
+from MedSAGaLib.events import SCHEMA, describe, parse_json_line
+from MedSAGaLib.slices import evenly_spread, plan_slices
 from MedSAGaLib.modelfile import read_metadata
 from MedSAGaLib.training import TrainingError
 
@@ -62,11 +63,20 @@ def test_finetune_json_progress_then_evaluate(tmp_path, tiny_vit_checkpoint, cap
                  "--steps", "2", "--progress", "json", "-o", str(out), *tiny_args(tiny_vit_checkpoint)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    events = [json.loads(line) for line in captured.out.splitlines()]
+    events = [parse_json_line(line) for line in captured.out.splitlines()]
+    # the schema end to end: every stdout line is an event of MedSAGaLib.events with exactly its fields,
+    # as the trainer and the workflow emitted them, and reads as the text the Slicer panel shows
+    assert all(e is not None for e in events), captured.out
+    for e in events:
+        required, optional = SCHEMA[e["event"]]
+        assert set(required) <= set(e) - {"event"} <= set(required) | set(optional), e
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "validate" in kinds
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == [1, 2]
-    assert {"step", "steps", "loss", "lr", "elapsed", "eta", "val_dice"} <= set(steps[0])
-    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    assert describe(steps[-1]).startswith("step 2/2, loss ") and "val Dice" in describe(steps[-1])
+    assert describe(events[-1]).startswith("done: 2 steps")
+    assert describe(events[0]).startswith("starting: 2 training, 2 validation slices, classes bright, dim")
     meta = read_metadata(out)
     assert meta["class_names"] == ["bright", "dim"]
     assert meta["training"]["method"] == "galore" and meta["training"]["train_slices"] == [1, 3]

@@ -14,13 +14,13 @@ import torch
 from conftest import TINY_VIT, make_volume
 from MedSAGaLib.cli import main
 from MedSAGaLib.head import ClassSegmenter
-from MedSAGaLib.inference import bounding_box, segment_volume, segment_with_boxes
+from MedSAGaLib.inference import segment_volume, segment_with_boxes
 from MedSAGaLib.modelfile import ModelFileError, load_model, read_metadata, save_model
 from MedSAGaLib.models import ModelError, build_base_model
 from MedSAGaLib.preprocess import SliceTransform
 from MedSAGaLib.segio import ijk_to_lps, read_labels, write_seg_nrrd
-from MedSAGaLib.volume import (VolumeError, normalize_intensity, parse_slices, plane_axes, read_volume,
-                               slice_axis)
+from MedSAGaLib.slices import bounding_box, parse_slices, plane_axes
+from MedSAGaLib.volume import VolumeError, normalize_intensity, read_volume, slice_axis
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

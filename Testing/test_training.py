@@ -126,7 +126,7 @@ def test_layerwise_steps_inside_backward_and_keeps_no_gradients(tiny):
     seen = []
 
     def callback(event):
-        if event.get("phase") == "train":
+        if event.get("event") == "step":
             seen.append(sum(p.grad is not None for p in tiny.parameters()))
 
     result = finetune(tiny, images, labels, quick(method="galore-layerwise", train_stages=4), callback=callback)
@@ -244,7 +244,7 @@ def test_should_stop_ends_training_between_steps(tiny):
     images, labels = phantom_slices()
     steps = []
     result = finetune(tiny, images, labels, quick(method="decoder", steps=50),
-                      callback=lambda e: steps.append(e.get("step")) if e.get("phase") == "train" else None,
+                      callback=lambda e: steps.append(e.get("step")) if e.get("event") == "step" else None,
                       should_stop=lambda: len(steps) >= 2)
     assert result.stopped and result.steps_done == 2
     assert not any(p.requires_grad for p in tiny.parameters())
@@ -254,7 +254,7 @@ def test_callback_reports_progress_fields(tiny):
     images, labels = phantom_slices(3)
     events = []
     finetune(tiny, images[:2], labels[:2], quick(method="decoder", steps=2), images[2:], labels[2:], callback=events.append)
-    steps = [e for e in events if e.get("phase") == "train"]
+    steps = [e for e in events if e.get("event") == "step"]
     assert [e["step"] for e in steps] == [1, 2]
     for e in steps:
         assert {"step", "steps", "loss", "lr", "elapsed", "eta", "val_dice"} <= set(e)

@@ -205,7 +205,7 @@ def measure(
         return t
 
     def on_step(info: dict):
-        if info.get("phase") == "train":
+        if info.get("event") == "step":
             saved = sum(live_saved.values())
             record["per_step_saved"].append(saved)
             record["activations_saved"] = max(record["activations_saved"], saved)

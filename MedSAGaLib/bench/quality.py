@@ -60,9 +60,9 @@ def load_task(test_slices: int = 8, val_slices: int = 0):
     """
     import SimpleITK as sitk
 
-    from ..cli_train import evenly_spread
+    from ..slices import evenly_spread
     from ..samples.mni152 import mni152_tissue_labels
-    from ..segio import annotated_slices
+    from ..slices import annotated_slices
     from ..volume import normalize_intensity, slice_axis
 
     image, label_image = mni152_tissue_labels()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-METHODS = ("galore", "galore-layerwise", "lora", "full", "decoder")
+from .methods import METHODS  # noqa: F401 (re-exported)
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..events import event
 from ..inference import resolve_device
 from .config import FinetuneConfig, TrainingError
 from .distributed import DistributedTraining
@@ -259,8 +260,8 @@ def finetune(
                     batch = torch.stack(images[i : i + 2]).to(device)
                     out = split.prefix((batch - mean) / std).float()
                     feats.extend(out.unbind(0))
-                    emit({"phase": phase, "done": min(i + 2, len(images)), "total": len(images),
-                          "elapsed": time.perf_counter() - start_time})
+                    emit(event(phase, done=min(i + 2, len(images)), total=len(images),
+                               elapsed=time.perf_counter() - start_time))
             feats = torch.stack(feats)
             if feature_cache is not None:
                 feature_cache[(signature, depth)] = feats
@@ -336,8 +337,8 @@ def finetune(
             best_state = plain_state_dict(segmenter)
             result.val_dice = dict(result.initial_val_dice)
             result.history.append({"step": 0, "val_dice": result.initial_val_dice})
-            emit({"phase": "validate", "step": 0, "steps": config.steps, "val_dice": result.initial_val_dice,
-                  "elapsed": time.perf_counter() - start_time})
+            emit(event("validate", step=0, steps=config.steps, val_dice=result.initial_val_dice,
+                       elapsed=time.perf_counter() - start_time))
             _set_train_modes(segmenter)
 
         world = ddp.world_size if ddp is not None else 1
@@ -398,9 +399,8 @@ def finetune(
             entry["elapsed"] = time.perf_counter() - start_time
             entry["eta"] = elapsed_train / done * (config.steps - done)
             entry["val_dice"] = entry.get("val_dice", last_val)
-            entry["phase"] = "train"
-            result.history.append({k2: v for k2, v in entry.items() if k2 != "phase"})
-            emit(entry)
+            result.history.append(entry)
+            emit(event("step", **entry))
     except KeyboardInterrupt:
         result.stopped = True
         best_state = locals().get("best_state")

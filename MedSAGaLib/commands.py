@@ -1,0 +1,220 @@
+"""Command-line options of ``medsaga finetune``, ``evaluate`` and ``segment``, defined once.
+
+The CLI builds its argparse parsers from these definitions, and front ends that start jobs (the
+Slicer panel) build their command lines with :func:`finetune_argv` / :func:`segment_argv` from the
+same definitions, so a flag cannot be spelt two ways. Torch-free: importable before PyTorch is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+from .training.config import PRECISIONS, FinetuneConfig
+
+PROGRESS_MODES = ("auto", "tqdm", "json", "none")
+Choices = Union[Sequence[str], Callable[[], Sequence[str]], None]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option; ``dest`` is also its keyword in :func:`finetune_argv` / :func:`segment_argv`."""
+
+    flags: tuple[str, ...]
+    dest: str
+    help: str = ""
+    type: Optional[Callable[[str], Any]] = None
+    default: Any = None
+    choices: Choices = None  # a callable is resolved only when a parser is built (it may import torch)
+    nargs: Optional[str] = None
+    flag: bool = False  # store_true
+    required: bool = False
+    metavar: Optional[str] = None
+    group: Optional[str] = None  # options sharing a group are mutually exclusive
+    positional: bool = False
+
+    def add_to(self, parser) -> None:
+        kwargs: dict = {"help": self.help}
+        if self.flag:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["default"] = self.default
+            for key in ("type", "nargs", "metavar"):
+                if getattr(self, key) is not None:
+                    kwargs[key] = getattr(self, key)
+            if self.choices is not None:
+                kwargs["choices"] = tuple(self.choices() if callable(self.choices) else self.choices)
+        if self.positional:
+            parser.add_argument(self.dest, **kwargs)
+        else:
+            if self.required:
+                kwargs["required"] = True
+            parser.add_argument(*self.flags, dest=self.dest, **kwargs)
+
+    def to_argv(self, value: Any) -> list[str]:
+        """The command-line words for ``value`` (none for None, False or an empty text)."""
+        if value is None or value is False or (isinstance(value, str) and value == ""):
+            return []
+        if self.flag:
+            return [self.flags[0]]
+        if self.nargs in ("+", "*"):
+            words = [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        else:
+            words = [format_value(self.dest, value)]
+        return words if self.positional else [self.flags[0], *words]
+
+
+def format_value(dest: str, value: Any) -> str:
+    if dest == "slices" and isinstance(value, (list, tuple)):
+        return ",".join(str(int(s)) for s in value)
+    if dest == "axis" and isinstance(value, int) and not isinstance(value, bool):
+        # an int is an axis of the (z, y, x) = (k, j, i) array, as the library's functions take it
+        if value not in (0, 1, 2):
+            raise ValueError(f"Array axis {value} is out of range 0-2.")
+        return "kji"[value]
+    return str(value)
+
+
+def _methods() -> Sequence[str]:
+    from .training.config import METHODS
+
+    return METHODS
+
+
+def _base_models() -> Sequence[str]:
+    from .models import BASE_MODELS
+
+    return BASE_MODELS
+
+
+_DEFAULTS = FinetuneConfig()
+
+# --- shared by finetune, evaluate and segment -------------------------------------------------
+AXIS = Option(("--axis",), "axis", "slice axis: axial (default, or the model's), coronal, sagittal "
+              "(from the image's directions), or voxel axis i/j/k")
+SLICES = Option(("--slices",), "slices", "slices along the axis, voxel indices from 0: A:B (B excluded), "
+                "A:B:STEP or a list 12,40,77")
+DEVICE = Option(("--device",), "device", "auto (default), cpu, cuda or mps", default="auto")
+WINDOW = Option(("--window",), "window", "intensity window CENTRE,WIDTH or a CT preset (ct-soft, ct-abdomen, "
+                "ct-lung, ct-bone, ct-brain); default: the model's own setting, else volume percentiles (MR)")
+THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)
+IMAGE = Option(("--image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", required=True)
+LABELS = Option(("--labels",), "labels", "label volume on the image's grid, or a .seg.nrrd", required=True)
+CHECKPOINT = Option(("--checkpoint",), "checkpoint", "SAM checkpoint file for vit_b/vit_l/vit_h")
+IMAGE_SIZE = Option(("--image-size",), "image_size", "model input size for vit_* (e.g. 512 as SAMed)", type=int)
+TASK_OPTIONS = (IMAGE, LABELS, AXIS, SLICES, DEVICE, WINDOW, THREADS)
+
+FINETUNE_OPTIONS = TASK_OPTIONS + (
+    Option(("--shots",), "shots", "use N annotated slices, evenly spread", type=int),
+    Option(("--classes",), "classes", "class names: rename the label values 1..k in order, or pick segments "
+           "of a .seg.nrrd by name", nargs="+"),
+    Option(("--method",), "method", f"training method (default {_DEFAULTS.method})", choices=_methods,
+           default=_DEFAULTS.method),
+    Option(("--base",), "base", "base model (default litemedsam)", choices=_base_models),
+    CHECKPOINT,
+    IMAGE_SIZE,
+    Option(("--steps",), "steps", f"optimizer steps (default {_DEFAULTS.steps})", type=int, group="length"),
+    Option(("--epochs",), "epochs", "passes over the training slices instead of --steps", type=float,
+           group="length"),
+    Option(("--batch-size",), "batch_size", f"slices per step (default {_DEFAULTS.batch_size})", type=int,
+           default=_DEFAULTS.batch_size),
+    Option(("--lr",), "lr", f"learning rate (default {_DEFAULTS.lr})", type=float, default=_DEFAULTS.lr),
+    Option(("--encoder-lr",), "encoder_lr", "encoder learning rate (default: --lr)", type=float),
+    Option(("--warmup",), "warmup", f"linear warm-up steps before poly decay (default {_DEFAULTS.warmup})",
+           type=int, default=_DEFAULTS.warmup),
+    Option(("--rank",), "rank", f"GaLore rank (default {_DEFAULTS.rank})", type=int, default=_DEFAULTS.rank),
+    Option(("--update-proj-gap",), "update_proj_gap", "steps between GaLore projector updates", type=int,
+           default=_DEFAULTS.update_proj_gap),
+    Option(("--scale",), "scale", f"GaLore scale: multiplies the projected encoder update "
+           f"(default {_DEFAULTS.scale:g})", type=float, default=_DEFAULTS.scale),
+    Option(("--proj-type",), "proj_type", "GaLore projection type (std, left, right, ...)",
+           default=_DEFAULTS.proj_type),
+    Option(("--lora-rank",), "lora_rank", "LoRA rank (method lora)", type=int, default=_DEFAULTS.lora_rank),
+    Option(("--train-stages",), "train_stages", "trailing encoder stages to train, 1-4 (default: 1 on a CPU; "
+           "on a GPU 3 for litemedsam, 4 for vit_*); the stages in front are frozen and computed once per slice",
+           type=int),
+    Option(("--checkpointing",), "checkpointing", "activation checkpointing (less memory, more time)", flag=True),
+    Option(("--precision",), "precision", "auto: bf16/fp16 mixed precision on a GPU, fp32 on the CPU",
+           choices=PRECISIONS, default="auto"),
+    Option(("--no-augment",), "no_augment", "no data augmentation", flag=True),
+    Option(("--val-fraction",), "val_fraction", "when every annotated slice would train, hold out this fraction "
+           "for validation (default 0.2)", type=float, default=0.2),
+    Option(("--max-val-slices",), "max_val_slices", f"validation slices used during training "
+           f"(default {_DEFAULTS.max_val_slices}, evenly spread)", type=int, default=_DEFAULTS.max_val_slices),
+    Option(("--seed",), "seed", "random seed (default 0)", type=int, default=0),
+    Option(("--resume",), "resume", "continue training an adapted model file", metavar="MODEL"),
+    Option(("--progress",), "progress", "progress: tqdm bar (auto on a terminal), json lines on stdout "
+           "(see MedSAGaLib.events), or none", choices=PROGRESS_MODES, default="auto"),
+    Option(("-o", "--output"), "output", "adapted model file to write (atomically)", required=True),
+)
+
+EVALUATE_OPTIONS = TASK_OPTIONS + (
+    Option(("--model",), "model", "adapted model file", required=True),
+    Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, 8 on a GPU)", type=int),
+    Option(("--json",), "json", "print the results as JSON", flag=True),
+)
+
+SEGMENT_OPTIONS = (
+    Option(("image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder; several, folders or globs "
+           "with --output-dir", positional=True, nargs="*"),
+    Option(("--model",), "model", "adapted model file, or a base model (litemedsam, vit_b, vit_l, vit_h) for box "
+           "prompts or an untrained head", default="litemedsam"),
+    CHECKPOINT,
+    IMAGE_SIZE,
+    Option(("--classes",), "classes", "class names (untrained head on a base model)", nargs="+"),
+    Option(("--boxes-from",), "boxes_from", "label volume or .seg.nrrd: prompt each slice with each label's "
+           "bounding box (zero-shot)", metavar="LABELS"),
+    Option(("--box-margin",), "box_margin", "pixels added around each box (default 0)", type=int, default=0),
+    Option(("-o", "--output"), "output", "output segmentation (.seg.nrrd) of one input (many: --output-dir)"),
+    Option(("--labelmap",), "labelmap", "also write a plain label volume (e.g. OUT.nii.gz)"),
+    Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, where it is fastest; "
+           "8 on a GPU)", type=int),
+    AXIS, SLICES, DEVICE, WINDOW, THREADS,
+)
+
+
+def add_options(parser, options: Sequence[Option]) -> None:
+    """Add ``options`` to an argparse parser (mutually exclusive groups as declared)."""
+    groups: dict = {}
+    for option in options:
+        target = parser
+        if option.group is not None:
+            if option.group not in groups:
+                groups[option.group] = parser.add_mutually_exclusive_group()
+            target = groups[option.group]
+        option.add_to(target)
+
+
+def build_argv(command: str, options: Sequence[Option], values: dict) -> list[str]:
+    """``[command, words...]`` for ``values`` keyed by option ``dest``; an unknown key is a TypeError."""
+    by_dest = {o.dest: o for o in options}
+    unknown = [k for k in values if k not in by_dest]
+    if unknown:
+        raise TypeError(f"medsaga {command} has no option {', '.join(unknown)}.")
+    argv = [command]
+    for option in options:  # definition order: positionals first where declared so
+        if option.dest in values:
+            argv += option.to_argv(values[option.dest])
+    return argv
+
+
+def finetune_argv(image: str, labels: str, output: str, **options: Any) -> list[str]:
+    """``["finetune", "--image", image, ...]``: the arguments of a ``medsaga finetune`` run.
+
+    ``options`` are the options' ``dest`` names (``steps=3``, ``slices=[4, 9]``, ``axis=0`` for an
+    array axis or ``axis="axial"``, ``checkpointing=True``); None leaves an option at its default.
+    """
+    return build_argv("finetune", FINETUNE_OPTIONS, dict(image=str(image), labels=str(labels), output=str(output),
+                                                         **options))
+
+
+def segment_argv(image: str, model: str, output: str, **options: Any) -> list[str]:
+    """``["segment", image, "--model", model, ...]``: the arguments of a ``medsaga segment`` run."""
+    return build_argv("segment", SEGMENT_OPTIONS, dict(image=str(image), model=str(model), output=str(output),
+                                                        **options))
+
+
+def evaluate_argv(image: str, labels: str, model: str, **options: Any) -> list[str]:
+    """``["evaluate", "--image", image, ...]``: the arguments of a ``medsaga evaluate`` run."""
+    return build_argv("evaluate", EVALUATE_OPTIONS, dict(image=str(image), labels=str(labels), model=str(model),
+                                                         **options))
