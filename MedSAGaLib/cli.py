@@ -28,17 +28,10 @@ def add_segment_parser(subparsers) -> None:
 
 
 def run_segment(args) -> int:
-    import numpy as np
-
-    from .inference import resolve_device, segment_volume, segment_with_boxes
-    from .modelfile import is_model_file, load_model
-    from .models import build_base_model
-    from .segio import read_labels, write_labelmap, write_seg_nrrd
-    from .slices import parse_slices
-    from .volume import array_from_image, normalize_with, parse_window, preprocessing_settings, read_volume, slice_axis
-
     from .cli_train import _set_threads
     from .cohort import is_cohort_request, run_segment_cohort
+    from .events import ConsoleProgress
+    from .workflow import segment_file
 
     _set_threads(args.threads)
     if is_cohort_request(args):  # many inputs: a Dask cluster (MedSAGaLib/cohort.py)
@@ -46,47 +39,20 @@ def run_segment(args) -> int:
     if len(args.image) != 1 or not args.output:
         raise ValueError("Give one image and -o OUTPUT.seg.nrrd, or many inputs with --output-dir DIR.")
     args.image = args.image[0]
-    if not str(args.output).lower().endswith(".seg.nrrd"):
-        raise ValueError(f"Output {args.output} must end in .seg.nrrd (use --labelmap for a plain label volume).")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1.")
-    image = read_volume(args.image)
-    array = array_from_image(image)
-    device = resolve_device(args.device)
-    window = parse_window(args.window)
-
-    if args.boxes_from:
-        if is_model_file(args.model):
-            raise ValueError("--boxes-from prompts a base model; give --model litemedsam or vit_b/vit_l/vit_h with --checkpoint.")
-        box_labels, names, colors = read_labels(args.boxes_from, image)
-        axis = slice_axis(image, args.axis or "axial")
-        slices = parse_slices(args.slices, array.shape[axis])
-        array01 = normalize_with(array, preprocessing_settings(window))
-        base = build_base_model(args.model, checkpoint=args.checkpoint, image_size=args.image_size)
-        labels = segment_with_boxes(base, array01, box_labels, axis, slices, margin=args.box_margin, device=device)
-    else:
-        if not is_model_file(args.model) and not args.classes:
-            raise ValueError(
-                f"{args.model} is a base model: fine-tune it first (medsaga finetune), prompt it with --boxes-from, "
-                "or name --classes for an untrained head.")
-        segmenter = load_model(args.model, class_names=None if is_model_file(args.model) else args.classes,
-                               checkpoint=args.checkpoint, image_size=args.image_size)
-        if not is_model_file(args.model):
-            print("Note: an untrained k-class head gives SAM's prompt-free guess; fine-tune for real results.", file=sys.stderr)
-        meta = segmenter.metadata
-        axis = slice_axis(image, args.axis or meta.get("axis") or "axial")
-        slices = parse_slices(args.slices, array.shape[axis])
-        settings = preprocessing_settings(window) if window is not None else meta.get("preprocessing", {})
-        array01 = normalize_with(array, settings)
-        labels = segment_volume(segmenter, array01, axis, slices, args.batch_size, device)
-        names, colors = segmenter.class_names, segmenter.class_colors
-
-    out = write_seg_nrrd(args.output, labels, image, names, colors)
-    print(f"Wrote {out} ({len(names)} segments: {', '.join(names)})")
-    if args.labelmap:
-        print(f"Wrote {write_labelmap(args.labelmap, labels, image)}")
-    counts = {name: int((labels == value).sum()) for value, name in enumerate(names, start=1)}
-    print("Voxels per segment: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    progress = ConsoleProgress("auto")
+    try:
+        seg = segment_file(args.image, args.model, args.output, labelmap=args.labelmap, axis=args.axis,
+                           slices=args.slices, window=args.window, classes=args.classes, checkpoint=args.checkpoint,
+                           image_size=args.image_size, boxes_from=args.boxes_from, box_margin=args.box_margin,
+                           batch_size=args.batch_size, device=args.device, progress=progress)
+    finally:
+        progress.close()
+    for note in seg.notes:
+        print(f"Note: {note}", file=sys.stderr)
+    print(f"Wrote {seg.output} ({len(seg.class_names)} segments: {', '.join(seg.class_names)})")
+    if seg.labelmap:
+        print(f"Wrote {seg.labelmap}")
+    print("Voxels per segment: " + ", ".join(f"{k} {v}" for k, v in seg.voxel_counts().items()))
     return 0
 
 

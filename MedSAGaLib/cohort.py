@@ -341,33 +341,21 @@ def cached_model(model_path: str, model_sha256: str):
 
 
 def segment_image_file(
-    segmenter, image_path: str, output: str, labelmap: Optional[str], settings: SegmentSettings, progress=False
+    segmenter, image_path: str, output: str, labelmap: Optional[str], settings: SegmentSettings, progress=None
 ) -> dict:
-    """Segment one image file with a loaded model and write its outputs, as ``medsaga segment`` does for one input.
+    """Segment one image file with a loaded model and write its outputs through the same
+    :func:`MedSAGaLib.workflow.segment_file` that ``medsaga segment`` calls for one input.
 
     Returns the class names, voxel counts per class and the input's grid.
     """
-    from .inference import resolve_device, segment_volume
-    from .segio import write_labelmap, write_seg_nrrd
-    from .volume import array_from_image, normalize_with, parse_slices, parse_window, preprocessing_settings, read_volume, slice_axis
+    from .volume import read_volume
+    from .workflow import segment_file
 
     image = read_volume(image_path)
-    array = array_from_image(image)
-    meta = getattr(segmenter, "metadata", {}) or {}
-    window = parse_window(settings.window)
-    axis = slice_axis(image, settings.axis or meta.get("axis") or "axial")
-    slices = parse_slices(settings.slices, array.shape[axis])
-    preprocessing = preprocessing_settings(window) if window is not None else meta.get("preprocessing", {})
-    array01 = normalize_with(array, preprocessing)
-    device = resolve_device(settings.device)
-    labels = segment_volume(segmenter, array01, axis, slices, settings.batch_size, device, progress=progress)
-    names = list(segmenter.class_names)
-    write_seg_nrrd(output, labels, image, names, segmenter.class_colors)
-    if labelmap:
-        write_labelmap(labelmap, labels, image)
-    counts = np.bincount(labels.ravel(), minlength=len(names) + 1)
-    return {"class_names": names, "voxels": {n: int(counts[v]) for v, n in enumerate(names, start=1)},
-            "geometry": geometry_of(image)}
+    result = segment_file(image, segmenter, output, labelmap=labelmap, axis=settings.axis, slices=settings.slices,
+                          window=settings.window, batch_size=settings.batch_size, device=settings.device,
+                          progress=progress)
+    return {"class_names": list(result.class_names), "voxels": result.voxel_counts(), "geometry": geometry_of(image)}
 
 
 def _torch_threads(host_threads: dict) -> int:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 from .training.config import PRECISIONS, FinetuneConfig
 
 PROGRESS_MODES = ("auto", "tqdm", "json", "none")
+# the names of ``models.BASE_MODEL_REGISTRY`` (a test keeps them equal), here without importing torch
+BASE_MODEL_NAMES = ("litemedsam", "vit_b", "vit_l", "vit_h")
 Choices = Union[Sequence[str], Callable[[], Sequence[str]], None]
 
 
@@ -81,12 +83,6 @@ def _methods() -> Sequence[str]:
     return METHODS
 
 
-def _base_models() -> Sequence[str]:
-    from .models import BASE_MODELS
-
-    return BASE_MODELS
-
-
 _DEFAULTS = FinetuneConfig()
 
 # --- shared by finetune, evaluate and segment -------------------------------------------------
@@ -110,7 +106,7 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
            "of a .seg.nrrd by name", nargs="+"),
     Option(("--method",), "method", f"training method (default {_DEFAULTS.method})", choices=_methods,
            default=_DEFAULTS.method),
-    Option(("--base",), "base", "base model (default litemedsam)", choices=_base_models),
+    Option(("--base",), "base", "base model (default litemedsam)", choices=BASE_MODEL_NAMES),
     CHECKPOINT,
     IMAGE_SIZE,
     Option(("--steps",), "steps", f"optimizer steps (default {_DEFAULTS.steps})", type=int, group="length"),
@@ -157,7 +153,7 @@ EVALUATE_OPTIONS = TASK_OPTIONS + (
 SEGMENT_OPTIONS = (
     Option(("image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder; several, folders or globs "
            "with --output-dir", positional=True, nargs="*"),
-    Option(("--model",), "model", "adapted model file, or a base model (litemedsam, vit_b, vit_l, vit_h) for box "
+    Option(("--model",), "model", f"adapted model file, or a base model ({', '.join(BASE_MODEL_NAMES)}) for box "
            "prompts or an untrained head", default="litemedsam"),
     CHECKPOINT,
     IMAGE_SIZE,

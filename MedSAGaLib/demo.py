@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_train import Progress, evaluate_labels
-from .events import format_dice as _fmt_dice, jsonable as _jsonable
+from .events import ConsoleProgress, format_dice, jsonable
 from .slices import evenly_spread
-from .training import FinetuneConfig, finetune
+from .training import FinetuneConfig
 
 DEMO_DEFAULTS = dict(steps=60, baseline_steps=60, shots=5, val_slices=8)
 
@@ -108,74 +107,63 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
+    from .inference import predict_slices
+    from .metrics import evaluate_labels, mean_finite
     from .samples.mni152 import TISSUE_CLASSES, TISSUE_COLORS, mni152_tissue_labels
-    from .head import ClassSegmenter
-    from .inference import predict_slices, segment_volume
-    from .modelfile import save_model
-    from .models import build_base_model
-    from .segio import write_seg_nrrd
-    from .slices import annotated_slices, get_slice
-    from .volume import normalize_intensity, preprocessing_settings, slice_axis
+    from .slices import get_slice
+    from .volume import normalize_with, preprocessing_settings
+    from .workflow import finetune_volume, load_task, new_segmenter, segment_file
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     log("loading the MNI152 T1 template and its grey/white-matter maps (nilearn, on disk)")
     image, label_image = mni152_tissue_labels()
-    import SimpleITK as sitk
-
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    labels = sitk.GetArrayFromImage(label_image).astype(np.uint8)
-    axis = slice_axis(image, "axial")
-    array01 = normalize_intensity(array)
-    annotated = annotated_slices(labels, axis)
+    task = load_task(image, label_image, "axial", classes=TISSUE_CLASSES)
+    task.class_colors = list(TISSUE_COLORS)
+    task.image_source = "nilearn MNI152 2009 T1 template"
+    array01 = normalize_with(task.array, preprocessing_settings(None))
+    labels, axis, names, colors = task.labels, task.axis, task.class_names, task.class_colors
+    annotated = task.annotated
     train_idx = evenly_spread(annotated, args.shots)
     unseen = [z for z in annotated if z not in set(train_idx)]
     val_idx = evenly_spread(unseen, args.val_slices)
-    names, colors = list(TISSUE_CLASSES), list(TISSUE_COLORS)
     sl = lambda vol, z: get_slice(vol, axis, z)  # noqa: E731
-    train_images, train_labels = [sl(array01, z) for z in train_idx], [sl(labels, z) for z in train_idx]
-    val_images, val_labels = [sl(array01, z) for z in val_idx], [sl(labels, z) for z in val_idx]
     log(f"k=2 task ({', '.join(names)}); training slices {train_idx}; unseen validation slices {val_idx}")
     timings["load"] = time.perf_counter() - start
 
     runs = {}
     feature_cache = {}  # frozen-encoder features shared by the runs (same pretrained encoder, same slices)
     models = {}
+    model_path = out / "mni152_tissue.medsaga"
     plan = [(args.method, args.steps)] + ([("decoder", args.baseline_steps)] if args.baseline_steps > 0 else [])
     for method, steps in plan:
         t0 = time.perf_counter()
         log(f"fine-tuning with {method!r}: {steps} steps on {len(train_idx)} slices (CPU, {args.threads} threads)")
-        segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names, colors)
-        config = FinetuneConfig(method=method, steps=steps, lr=args.lr, device=args.device, max_val_slices=len(val_idx),
-                                augment_copies=args.augment_copies,
-                                train_stages=args.train_stages if method != "decoder" else None)
-        config.warmup = min(config.warmup, max(0, steps - 1))
-        progress = Progress("auto", steps)
+        progress = ConsoleProgress("auto")
         try:
-            result = finetune(segmenter, train_images, train_labels, config, val_images, val_labels, callback=progress,
-                              feature_cache=feature_cache)
+            run = finetune_volume(task, slices=train_idx, val_slices=val_idx, feature_cache=feature_cache,
+                                  output=model_path if method == args.method else None, progress=progress,
+                                  method=method, steps=steps, lr=args.lr, device=args.device,
+                                  max_val_slices=len(val_idx), augment_copies=args.augment_copies,
+                                  train_stages=args.train_stages)
         finally:
             progress.close()
-        runs[method] = result
-        models[method] = segmenter
+        result = runs[method] = run.result
+        models[method] = run.segmenter
         timings[f"train_{method}"] = time.perf_counter() - t0
         log(f"{method}: {result.seconds_per_step:.2f} s/step, loss {result.final_loss:.3f}, "
-            f"unseen-slice Dice {_fmt_dice(result.val_dice)} (kept step {result.best_step})")
+            f"unseen-slice Dice {format_dice(result.val_dice)} (kept step {result.best_step})")
+        if run.model_path is not None:
+            log(f"wrote {run.model_path}")
 
     main_run = runs[args.method]
     main_model = models[args.method]
-    model_path = out / "mni152_tissue.medsaga"
-    training = main_run.metadata()
-    training.update(train_slices=train_idx, val_slices=val_idx, image="nilearn MNI152 2009 T1 template")
-    save_model(model_path, main_model, {"preprocessing": preprocessing_settings(None), "axis": "axial",
-                                        "training": _jsonable(training), "validation_dice": _jsonable(main_run.val_dice)})
-    log(f"wrote {model_path}")
 
     # Overlays of three unseen slices: reference, untrained head, baseline, main model.
     t0 = time.perf_counter()
     show = [val_idx[len(val_idx) // 4], val_idx[len(val_idx) // 2], val_idx[(3 * len(val_idx)) // 4]] if val_idx else []
-    untrained = ClassSegmenter.from_base(build_base_model("litemedsam"), names, colors).eval()
+    untrained = new_segmenter(names, colors).eval()
     shown = {}
     for z in show:
         img = sl(array01, z)
@@ -191,28 +179,31 @@ def main(argv=None) -> int:
     whole = None
     if args.segment == "volume":
         t0 = time.perf_counter()
-        with_signal = [z for z in range(array.shape[axis]) if sl(array, z).max() > sl(array, z).min()]
+        with_signal = [z for z in range(task.array.shape[axis]) if sl(task.array, z).max() > sl(task.array, z).min()]
         log(f"segmenting the volume with the {args.method} model: {len(with_signal)} slices with signal "
-            f"(of {array.shape[axis]}; slices without any signal stay empty)")
-        predicted = segment_volume(main_model, array01, axis, with_signal, device=args.device)
-        seg_path = write_seg_nrrd(out / "mni152_tissue.seg.nrrd", predicted, image, names, colors)
+            f"(of {task.array.shape[axis]}; slices without any signal stay empty)")
+        progress = ConsoleProgress("auto")
+        try:
+            seg = segment_file(image, main_model, out / "mni152_tissue.seg.nrrd", slices=with_signal,
+                               device=args.device, progress=progress)
+        finally:
+            progress.close()
         timings["segment_volume"] = time.perf_counter() - t0
-        log(f"wrote {seg_path}")
+        log(f"wrote {seg.output}")
         unseen_all = [z for z in annotated if z not in set(train_idx)]
-        spacing2d = [s for a, s in enumerate(list(image.GetSpacing())[::-1]) if a != axis]
         take = lambda vol, zs: np.moveaxis(vol, axis, 0)[zs]  # noqa: E731
-        metrics = evaluate_labels(take(predicted, unseen_all), take(labels, unseen_all), len(names), spacing2d)
+        metrics = evaluate_labels(take(seg.labels, unseen_all), take(labels, unseen_all), len(names), task.spacing2d())
         whole = {
             "slices": len(unseen_all),
             "dice": {n: metrics[c]["dice"] for c, n in enumerate(names, start=1)},
             "hd95_mm": {n: metrics[c]["hd95_mm"] for c, n in enumerate(names, start=1)},
             "seconds_per_slice": timings["segment_volume"] / max(1, len(with_signal)),
         }
-        log(f"{args.method} model on all {len(unseen_all)} unseen annotated slices: Dice {_fmt_dice(whole['dice'])}")
+        log(f"{args.method} model on all {len(unseen_all)} unseen annotated slices: Dice {format_dice(whole['dice'])}")
 
     def mean(d):
-        vals = [v for v in d.values() if isinstance(v, float) and math.isfinite(v)]
-        return float(np.mean(vals)) if vals else None
+        value = mean_finite(d)
+        return value if math.isfinite(value) else None
 
     comparison = {"untrained head": {"val_dice": main_run.initial_val_dice, "mean": mean(main_run.initial_val_dice)}}
     for method, r in runs.items():
@@ -236,7 +227,7 @@ def main(argv=None) -> int:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "processor": platform.processor() or platform.machine()},
     }
-    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2), encoding="utf-8")
     lines = [f"{'model':<18} {'GM':>6} {'WM':>6} {'mean':>6}"]
     for name, row in comparison.items():
         d = row["val_dice"]

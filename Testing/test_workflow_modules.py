@@ -143,6 +143,20 @@ def test_segment_and_evaluate_options_parse_back():
     assert (args.command, args.model, args.json, args.slices) == ("evaluate", "m.medsaga", True, "1,2")
 
 
+def test_registries_and_their_torch_free_names_agree():
+    from MedSAGaLib.models import BASE_MODEL_REGISTRY, build_base_model
+    from MedSAGaLib.training.config import METHODS
+    from MedSAGaLib.training.methods import METHOD_REGISTRY, get_method
+
+    assert tuple(BASE_MODEL_REGISTRY) == commands.BASE_MODEL_NAMES
+    assert METHODS == tuple(METHOD_REGISTRY) and get_method("galore-layerwise").layerwise
+    assert not get_method("decoder").trains_encoder
+    with pytest.raises(ValueError, match="Unknown method 'adam'"):
+        get_method("adam")
+    with pytest.raises(ValueError, match="Unknown base model 'vit_x'"):
+        build_base_model("vit_x")
+
+
 def test_defaults_come_from_the_finetune_config():
     from MedSAGaLib.training.config import FinetuneConfig
 

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Optional
 
 from .common import MB, emit_json, machine_info, proc_status_kb, reset_peak_rss, run_worker, set_threads, write_json
+from ..training.methods import METHODS
 
-METHODS = ("full", "lora", "decoder", "galore", "galore-layerwise")
 # (model, image size) pairs of the issue; vit_b uses random weights (memory does not depend on them).
 DEFAULT_MODELS = ("litemedsam:256", "vit_b:512", "vit_b:1024")
 
@@ -121,9 +121,8 @@ def measure(
     from ..head import ClassSegmenter
     from ..models import build_base_model, build_sam_vit
     from ..training import FinetuneConfig, finetune
-    from ..training import encoder as encoder_mod
     from ..training import optim as optim_mod
-    from ..training import trainer as trainer_mod
+    from ..training.trainer import TrainingHook
 
     # Libraries the trainer imports lazily: load them now so they do not count as training memory.
     import monai.losses  # noqa: F401
@@ -162,37 +161,46 @@ def measure(
 
     record: dict = {"weights": 0, "trainable": 0, "grads_peak": 0, "activations_saved": 0, "per_step_saved": []}
     captured: dict = {}
+    handles: list = []
     param_ptrs: set = set()
     live_saved: dict = {}
 
-    # --- gradients: a hook ahead of the optimizer's, on every trained parameter --------------
-    real_build = trainer_mod.build_optimizer
+    class MemoryProbe(TrainingHook):
+        """Gradient bytes alive (a hook ahead of the optimizer's own), and the block inputs that
+        activation checkpointing keeps for its recomputation (a forward pre-hook on each block)."""
 
-    def build_and_capture(groups, cfg, notes=None):
-        params = [p for g in groups for p in g["params"]]
-        record["trainable"] = sum(_tensor_bytes(p) for p in params)
-        record["weights"] = sum(_tensor_bytes(t) for t in itertools.chain(segmenter.parameters(), segmenter.buffers()))
-        param_ptrs.update(t.untyped_storage().data_ptr() for t in itertools.chain(segmenter.parameters(), segmenter.buffers()))
+        def on_parameters_selected(self, trainer):
+            params = [p for g in trainer.groups for p in g["params"]]
+            tensors = list(itertools.chain(segmenter.parameters(), segmenter.buffers()))
+            record["trainable"] = sum(_tensor_bytes(p) for p in params)
+            record["weights"] = sum(_tensor_bytes(t) for t in tensors)
+            param_ptrs.update(t.untyped_storage().data_ptr() for t in tensors)
 
-        def grad_hook(_param):
-            alive = sum(_tensor_bytes(q.grad) for q in params if q.grad is not None)
-            record["grads_peak"] = max(record["grads_peak"], alive)
+            def grad_hook(_param):
+                alive = sum(_tensor_bytes(q.grad) for q in params if q.grad is not None)
+                record["grads_peak"] = max(record["grads_peak"], alive)
 
-        captured["hooks"] = [p.register_post_accumulate_grad_hook(grad_hook) for p in params]
-        opt = real_build(groups, cfg, notes)
-        captured["optimizer"] = opt
-        return opt
+            handles.extend(p.register_post_accumulate_grad_hook(grad_hook) for p in params)
 
-    # --- activation checkpointing keeps each block's input for the recomputation --------------
-    real_checkpoint = encoder_mod.checkpoint
+        def on_optimizer_built(self, trainer):
+            captured["optimizer"] = trainer.optimizer
 
-    def checkpoint_and_count(fn, *args, **kwargs):
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.requires_grad:
-                storage = a.untyped_storage()
-                if storage.data_ptr() not in param_ptrs:
-                    live_saved[storage.data_ptr()] = storage.nbytes()
-        return real_checkpoint(fn, *args, **kwargs)
+            def keep_inputs(_module, args):
+                if not torch.is_grad_enabled():
+                    return  # checkpointing only runs with gradients
+                for a in args:
+                    if isinstance(a, torch.Tensor) and a.requires_grad:
+                        storage = a.untyped_storage()
+                        if storage.data_ptr() not in param_ptrs:
+                            live_saved[storage.data_ptr()] = storage.nbytes()
+
+            handles.extend(blk.register_forward_pre_hook(keep_inputs) for blk in trainer.checkpointed)
+
+        def on_step_end(self, trainer, entry):
+            saved = sum(live_saved.values())
+            record["per_step_saved"].append(saved)
+            record["activations_saved"] = max(record["activations_saved"], saved)
+            live_saved.clear()
 
     def pack(t):
         storage = t.untyped_storage()
@@ -204,15 +212,6 @@ def measure(
     def unpack(t):
         return t
 
-    def on_step(info: dict):
-        if info.get("event") == "step":
-            saved = sum(live_saved.values())
-            record["per_step_saved"].append(saved)
-            record["activations_saved"] = max(record["activations_saved"], saved)
-            live_saved.clear()
-
-    trainer_mod.build_optimizer = build_and_capture
-    encoder_mod.checkpoint = checkpoint_and_count
     gc.collect()
     rss_before = proc_status_kb("VmRSS")
     hwm_reset = reset_peak_rss()
@@ -230,15 +229,13 @@ def measure(
             prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             prof.__enter__()
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            result = finetune(segmenter, images, labels, config, callback=on_step)
+            result = finetune(segmenter, images, labels, config, hooks=[MemoryProbe()])
         if cuda:
             torch.cuda.synchronize()
     finally:
         if prof is not None:
             prof.__exit__(None, None, None)
-        trainer_mod.build_optimizer = real_build
-        encoder_mod.checkpoint = real_checkpoint
-        for h in captured.get("hooks", []):
+        for h in handles:
             h.remove()
     seconds = time.perf_counter() - t0
     hwm = proc_status_kb("VmHWM")

@@ -34,8 +34,8 @@ from typing import Optional
 import numpy as np
 
 from .common import machine_info, set_threads, write_json
+from ..training.methods import METHODS
 
-METHODS = ("galore", "galore-layerwise", "lora", "full", "decoder")
 DEFAULT_METHODS = ("galore", "lora", "full", "decoder")
 # The trainer settings that belong to one family of methods, and so can be tuned for it alone.
 SETTING_METHODS = {
@@ -90,14 +90,12 @@ def draw_training(candidates: list[int], shots: int, seed: int) -> list[int]:
 
 
 def score(pred: np.ndarray, ref: np.ndarray, spacing2d, names) -> dict:
-    from ..cli_train import evaluate_labels
+    from ..metrics import evaluate_labels, mean_finite
 
     metrics = evaluate_labels(pred, ref, len(names), spacing2d)
     per_class = {names[c - 1]: metrics[c] for c in metrics}
-    dices = [m["dice"] for m in per_class.values() if math.isfinite(m["dice"])]
-    hds = [m["hd95_mm"] for m in per_class.values() if math.isfinite(m["hd95_mm"])]
-    return {"per_class": per_class, "dice": float(np.mean(dices)) if dices else float("nan"),
-            "hd95_mm": float(np.mean(hds)) if hds else float("nan")}
+    return {"per_class": per_class, "dice": mean_finite(m["dice"] for m in per_class.values()),
+            "hd95_mm": mean_finite(m["hd95_mm"] for m in per_class.values())}
 
 
 def predict(segmenter, slices01: list[np.ndarray]) -> np.ndarray:
@@ -206,10 +204,10 @@ def stale_runs(runs: list[dict], lr_by_method: dict, config_by_method: dict) -> 
 
 def run(args) -> dict:
     from ..samples.mni152 import TISSUE_CLASSES
-    from ..head import ClassSegmenter
     from ..inference import segment_with_boxes
     from ..models import build_base_model
-    from ..training import FinetuneConfig, TrainingError, finetune
+    from ..training import TrainingError
+    from ..workflow import finetune_config, finetune_slices, new_segmenter
 
     set_threads(args.threads)
     started = time.perf_counter()
@@ -266,7 +264,7 @@ def run(args) -> dict:
         payload["baselines"]["oracle-box"] = dict(score(np.stack([take(pred, z) for z in test]), test_ref, spacing2d, names),
                                                    seconds=time.perf_counter() - t0)
         log(f"oracle-box zero-shot: Dice {payload['baselines']['oracle-box']['dice']:.3f}")
-        untrained = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
+        untrained = new_segmenter(names)
         payload["baselines"]["untrained-head"] = score(predict(untrained, test_images), test_ref, spacing2d, names)
         log(f"untrained k-class head: Dice {payload['baselines']['untrained-head']['dice']:.3f}")
         save()
@@ -279,12 +277,11 @@ def run(args) -> dict:
                 caches.setdefault((shots, seed), {}))
 
     def train(method: str, lr: float, images, labs, cache, seed: int, warmup: int, settings: Optional[dict] = None):
-        segmenter = ClassSegmenter.from_base(build_base_model("litemedsam"), names)
-        config = FinetuneConfig(**{**dict(method=method, steps=args.steps, batch_size=args.batch_size, lr=lr,
-                                          warmup=min(warmup, args.steps - 1), rank=args.rank, seed=seed,
-                                          train_stages=None if method == "decoder" else args.train_stages),
-                                   **(settings or {})})
-        return segmenter, finetune(segmenter, images, labs, config, feature_cache=cache)
+        segmenter = new_segmenter(names)
+        config = finetune_config(**{**dict(method=method, steps=args.steps, batch_size=args.batch_size, lr=lr,
+                                           warmup=warmup, rank=args.rank, seed=seed, train_stages=args.train_stages),
+                                    **(settings or {})})
+        return segmenter, finetune_slices(segmenter, images, labs, config=config, feature_cache=cache)
 
     val_images = [take(array01, z) for z in val]
     val_ref = np.stack([take(labels, z) for z in val]) if val else None

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import machine_info, set_threads, write_json
+from ..training.methods import METHODS
 
-METHODS = ("decoder", "lora", "galore", "galore-layerwise", "full")
 
 
 def log(message: str) -> None:

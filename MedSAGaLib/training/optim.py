@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import FinetuneConfig, TrainingError
+from .methods import get_method
 
 
 def _galore_adamw():
@@ -175,7 +176,7 @@ def build_optimizer(groups: list[dict], config: FinetuneConfig, notes=None) -> T
     if not groups:
         raise TrainingError("Nothing to train: no parameter requires a gradient.")
     uses_galore = any("rank" in g for g in groups)
-    layerwise = config.method == "galore-layerwise"
+    layerwise = get_method(config.method).layerwise
     if not layerwise:
         if uses_galore:
             opt = _galore_adamw()(groups, lr=config.lr, weight_decay=config.weight_decay, no_deprecation_warning=True)

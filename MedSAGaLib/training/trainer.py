@@ -1,8 +1,12 @@
-"""``finetune``: one trainer for every method (galore, galore-layerwise, lora, full, decoder).
+"""``finetune``: one trainer for every registered method (``methods.METHOD_REGISTRY``).
 
 The segmenter is trained in place and ends holding the best weights seen (by mean validation Dice
 when validation slices are given, else the last). Training can be stopped between steps through
-``should_stop``; the result then holds what was reached so far.
+``should_stop`` (or a hook's ``trainer.request_stop()``); the result then holds what was reached.
+
+:class:`Trainer` runs the loop in small methods (set up what trains, prepare data, validate, one
+step) and fires hook events as MONAI's engines do (:class:`TrainingHook`), so benchmarks and tests
+observe training (optimizer, gradients, checkpointed blocks, steps) without patching internals.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from torch import nn
 
 from ..events import event
 from ..inference import resolve_device
+from ..metrics import dice_per_class, mean_finite
+from ..preprocess import SliceTransform
 from .config import FinetuneConfig, TrainingError
 from .distributed import DistributedTraining
 from .data import BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, select_validation
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
 from .lora import LoRAQKV, apply_lora, lora_parameters, merge_lora
+from .methods import Method, get_method
 from .optim import build_optimizer, count, galore_groups, linear_weights, lr_factor
 
 # Stages trained by default (of 4), by measurement on a shared 2-core CPU (LiteMedSAM, batch 2):
@@ -106,16 +113,6 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
-    """Dice of classes 1..k over all given pixels (nan where a class is in neither)."""
-    out = []
-    for c in range(1, num_classes + 1):
-        p, g = pred == c, target == c
-        denom = int(p.sum() + g.sum())
-        out.append(float(2 * int((p & g).sum()) / denom) if denom else float("nan"))
-    return out
-
-
 def _set_train_modes(segmenter: nn.Module) -> None:
     """Eval mode everywhere (batch norms keep their statistics: batches of 2 cannot estimate them),
     except TinyViT attention, whose eval mode reads a cached copy of its trainable position biases."""
@@ -123,6 +120,392 @@ def _set_train_modes(segmenter: nn.Module) -> None:
     for m in segmenter.modules():
         if hasattr(m, "attention_biases") and hasattr(m, "attention_bias_idxs"):
             m.train(True)
+
+
+class TrainingHook:
+    """Observer of a :class:`Trainer` run; override the events you need (all no-ops here).
+
+    Events, in order: ``on_parameters_selected`` (what trains is set, ``trainer.groups``; before the
+    optimizer, so gradient hooks registered here run ahead of a layer-wise optimizer's),
+    ``on_optimizer_built`` (``trainer.optimizer``, ``trainer.checkpointed`` blocks), then per run
+    ``on_validation_end(trainer, step, dice)`` (step 0 before training), ``on_best_saved(trainer, step)``,
+    ``on_step_end(trainer, entry)`` (``entry`` is the step's history record), and
+    ``on_finished(trainer, result)`` (after the best weights are restored; also after a stop).
+    A hook may call ``trainer.request_stop()`` to end training after the current step.
+    """
+
+    def on_parameters_selected(self, trainer: "Trainer") -> None: ...
+    def on_optimizer_built(self, trainer: "Trainer") -> None: ...
+    def on_validation_end(self, trainer: "Trainer", step: int, dice: dict) -> None: ...
+    def on_best_saved(self, trainer: "Trainer", step: int) -> None: ...
+    def on_step_end(self, trainer: "Trainer", entry: dict) -> None: ...
+    def on_finished(self, trainer: "Trainer", result: FinetuneResult) -> None: ...
+
+
+def parameter_groups(method: Method, segmenter: nn.Module, split: EncoderSplit, config: FinetuneConfig):
+    """Optimizer parameter groups for ``method``: (groups, GaLore weights, LoRA wrappers, notes).
+
+    The mask decoder and the prompt encoder's no-mask embedding always train (AdamW, ``config.lr``);
+    the encoder's trained stages as the method says (``encoder_lr``, default ``lr``).
+    """
+    enc_lr = config.encoder_lr or config.lr
+    head_params = list(segmenter.mask_decoder.parameters()) + [segmenter.prompt_encoder.no_mask_embed.weight]
+    groups = [dict(params=head_params, lr=config.lr, weight_decay=config.weight_decay, name="head")]
+    notes: list[str] = []
+    galore_weights: list[nn.Parameter] = []
+    wrapped: list[LoRAQKV] = []
+    if method.encoder in ("galore", "adamw"):
+        enc_params = split.trainable_parameters()
+        for p in enc_params:
+            p.requires_grad_(True)
+        if method.encoder == "adamw":
+            groups.append(dict(params=enc_params, lr=enc_lr, weight_decay=config.weight_decay, name="encoder"))
+        else:
+            galore_weights = linear_weights(split.trainable_modules())
+            ids = {id(w) for w in galore_weights}
+            gal, notes = galore_groups(galore_weights, config, enc_lr)
+            groups.extend(gal)
+            rest = [p for p in enc_params if id(p) not in ids]
+            groups.append(dict(params=rest, lr=enc_lr, weight_decay=config.weight_decay, name="encoder_other"))
+    elif method.encoder == "lora":
+        blocks = [m for stage in split.trainable_stages for m in stage.modules() if hasattr(m, "attn") and hasattr(m.attn, "qkv")]
+        wrapped = apply_lora(segmenter.image_encoder, config.lora_rank, config.lora_alpha, blocks=blocks)
+        if not wrapped:
+            raise TrainingError("LoRA found no attention block in the trained encoder stages.")
+        groups.append(dict(params=lora_parameters(wrapped), lr=enc_lr, weight_decay=config.weight_decay, name="lora"))
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    return groups, galore_weights, wrapped, notes
+
+
+class Trainer:
+    """One fine-tuning run of a ClassSegmenter on 2-D slices in [0, 1] with labels 0..k.
+
+    ``callback`` receives progress events (``MedSAGaLib.events``); ``hooks`` are
+    :class:`TrainingHook` objects. ``feature_cache``: a dict shared between runs that start from the
+    *same pretrained encoder* on the same slices (e.g. a method and its baseline); frozen-prefix
+    features computed by one run are reused (or continued to a deeper prefix) by the next.
+    """
+
+    def __init__(
+        self,
+        segmenter: nn.Module,
+        images01: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray],
+        config: Optional[FinetuneConfig] = None,
+        val_images: Optional[Sequence[np.ndarray]] = None,
+        val_labels: Optional[Sequence[np.ndarray]] = None,
+        callback: Optional[Callable[[dict], None]] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        feature_cache: Optional[dict] = None,
+        hooks: Sequence[TrainingHook] = (),
+    ) -> None:
+        self.config = config = (config or FinetuneConfig()).validate()
+        self.method = get_method(config.method)
+        self.segmenter = segmenter
+        self.num_classes = segmenter.num_classes
+        check_training_data(images01, labels, self.num_classes, getattr(segmenter, "class_names", None))
+        self.images01, self.labels = images01, labels
+        self.val_images = list(val_images or [])
+        self.val_labels = list(val_labels or [])
+        if len(self.val_images) != len(self.val_labels):
+            raise TrainingError("Give one label slice per validation image slice.")
+        # under torchrun: join the process group; rank 0 alone validates and reports (None in one process)
+        self.ddp = DistributedTraining.from_environment(config.method, config.device)
+        self.device = self.ddp.device if self.ddp is not None else resolve_device(config.device)
+        if self.ddp is not None and not self.ddp.is_main:
+            self.val_images, self.val_labels, callback = [], [], None
+        amp_dtype = _autocast_dtype(config.precision, self.device)
+        if amp_dtype is not None and self.method.layerwise and amp_dtype == torch.float16:
+            amp_dtype = torch.bfloat16  # a gradient scaler cannot unscale inside per-parameter hooks
+        self.amp_dtype = amp_dtype
+        self.emit = callback or (lambda info: None)
+        self._should_stop = should_stop or (lambda: False)
+        self.stop_requested = False
+        self.feature_cache = feature_cache
+        self.hooks = list(hooks)
+        self.result = FinetuneResult(config=config.to_dict())
+        if self.ddp is not None:
+            self.result.config["distributed"] = {"world_size": self.ddp.world_size, "backend": self.ddp.backend,
+                                                 "global_batch": config.batch_size * self.ddp.world_size}
+            self.result.notes.append(self.ddp.describe(config.batch_size, config.lr))
+        self.train_module: Optional[nn.Module] = None  # the DDP-wrapped trained forward under torchrun
+        self.best_state = None
+        self.best_score = -1.0
+        self.wrapped: list[LoRAQKV] = []
+        self.checkpointed: list[nn.Module] = []
+        self.optimizer = None
+        self.scaler = None
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def fire(self, name: str, *args) -> None:
+        for hook in self.hooks:
+            getattr(hook, name, lambda *a: None)(self, *args)
+
+    def request_stop(self) -> None:
+        """End training after the current step (the best weights so far are kept)."""
+        self.stop_requested = True
+
+    def should_stop(self) -> bool:
+        return self.stop_requested or bool(self._should_stop())
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start_time
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- what trains ---------------------------------------------------------------------------
+    def setup_model(self) -> None:
+        config, segmenter, result = self.config, self.segmenter, self.result
+        segmenter.to(self.device)
+        for p in segmenter.parameters():
+            p.requires_grad_(False)
+        encoder = segmenter.image_encoder
+        split_kind = EncoderSplit(encoder, 0).kind
+        if not self.method.trains_encoder:
+            stages = 0
+            if config.train_stages:
+                result.notes.append(f"method {config.method!r} freezes the whole encoder; train_stages ignored")
+        else:
+            defaults = DEFAULT_TRAIN_STAGES["cpu" if self.device.type == "cpu" else "gpu"]
+            stages = defaults[split_kind] if config.train_stages is None else config.train_stages
+            if stages == 0:
+                raise TrainingError(f"Method {config.method!r} trains the encoder: train_stages must be at least 1.")
+        self.split = split = EncoderSplit(encoder, stages)
+        result.train_stages = split.train_stages
+        self.groups, galore_weights, self.wrapped, notes = parameter_groups(self.method, segmenter, split, config)
+        result.notes.extend(notes)
+        result.galore_parameters = count(galore_weights)
+        result.trainable_parameters = count([p for g in self.groups for p in g["params"]])
+        self.fire("on_parameters_selected")
+        self.optimizer = build_optimizer(self.groups, config, notes)
+        if self.amp_dtype == torch.float16 and not self.optimizer.layerwise:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            self.optimizer.grad_scaler = self.scaler
+        self.checkpointed = checkpoint_units(split) if config.checkpointing else []
+        set_checkpointing(self.checkpointed, True)
+        if self.ddp is not None:
+            self.train_module = self.ddp.wrap(segmenter, split.suffix)
+        self.fire("on_optimizer_built")
+
+    # --- data: frozen prefix computed once per (augmented) slice --------------------------------
+    def prefix_features(self, images: list[torch.Tensor], phase: str) -> torch.Tensor:
+        split, cache = self.split, self.feature_cache
+        stacked = torch.stack(images)
+        signature = (phase, len(images), round(float(stacked.sum()), 3), round(float(stacked.square().sum()), 3))
+        depth = split.frozen_depth + (1 if split.frozen else 0)
+        if cache is not None:
+            if (signature, depth) in cache:
+                return cache[(signature, depth)]
+            usable = [d for (sig, d) in cache if sig == signature and d <= split.frozen_depth]
+            if usable:
+                start = max(usable)
+                cached = cache[(signature, start)]
+                with torch.no_grad(), self.autocast():
+                    feats = [split.prefix_from(cached[i : i + 2].to(self.device), start).float()
+                             for i in range(0, len(cached), 2)]
+                feats = torch.cat(feats)
+                cache[(signature, depth)] = feats
+                return feats
+        feats = []
+        with torch.no_grad(), self.autocast():
+            for i in range(0, len(images), 2):
+                if self.should_stop():
+                    raise KeyboardInterrupt
+                batch = torch.stack(images[i : i + 2]).to(self.device)
+                out = split.prefix((batch - self.mean) / self.std).float()
+                feats.extend(out.unbind(0))
+                self.emit(event(phase, done=min(i + 2, len(images)), total=len(images), elapsed=self.elapsed()))
+        feats = torch.stack(feats)
+        if cache is not None:
+            cache[(signature, depth)] = feats
+        return feats
+
+    def prepare_data(self) -> None:
+        config, segmenter, split = self.config, self.segmenter, self.split
+        _set_train_modes(segmenter)
+        train = FewShotSlices(self.images01, self.labels, segmenter.image_size)
+        self.mean = segmenter.pixel_mean.to(self.device)
+        self.std = segmenter.pixel_std.to(self.device)
+        self.online = None
+        if split.whole:
+            self.pool_images, self.pool_labels = train.images, train.labels
+            self.pool_feats = None
+            self.online = build_augmentation(config.seed) if config.augment else None
+        else:
+            self.pool_images, self.pool_labels = train.augmented_pool(config.augment_copies, config.augment, config.seed)
+            self.pool_feats = self.prefix_features(self.pool_images, "prepare")
+        val_idx = select_validation(len(self.val_images), config.max_val_slices)
+        self.val = FewShotSlices([self.val_images[i] for i in val_idx], [self.val_labels[i] for i in val_idx],
+                                 segmenter.image_size)
+        tf = SliceTransform(segmenter.image_size)
+        self.val_shapes = [tf.resized_shape(np.shape(self.val_images[i])) for i in val_idx]
+        self.val_feats = (self.prefix_features(self.val.images, "prepare-validation")
+                          if (len(self.val) and not split.whole) else None)
+        self.result.prepare_seconds = self.elapsed()
+
+        from monai.losses import DiceCELoss
+
+        self.loss_fn = DiceCELoss(
+            to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight, lambda_ce=config.ce_weight, batch=True,
+            include_background=config.dice_background,
+        )
+        world = self.ddp.world_size if self.ddp is not None else 1
+        if world > 1 and len(self.pool_images) < config.batch_size * world:
+            raise TrainingError(
+                f"The global batch ({config.batch_size} x {world} processes) is larger than the "
+                f"{len(self.pool_images)} training slices (with augmented copies): lower --batch-size or --nproc_per_node.")
+        # every rank draws the same global batch from the same shuffle and trains on its own part of it
+        self.sampler = BatchSampler(len(self.pool_images), config.batch_size * world, config.seed)
+
+    # --- model, validation, one step -------------------------------------------------------------
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.segmenter.decode(self.split.suffix(feats)).float()
+
+    def validate(self) -> dict:
+        """Dice per class (by name) on the validation slices, pooled over their pixels."""
+        val = self.val
+        if not len(val):
+            return {}
+        preds, refs = [], []
+        with torch.no_grad():
+            for i in range(0, len(val), 2):
+                if self.val_feats is not None:
+                    feats = self.val_feats[i : i + 2]
+                else:
+                    feats = (torch.stack(val.images[i : i + 2]).to(self.device) - self.mean) / self.std
+                pred = self.forward(feats).argmax(1).cpu()
+                for j in range(pred.shape[0]):
+                    h, w = self.val_shapes[i + j]
+                    preds.append(pred[j, :h, :w])
+                    refs.append(val.labels[i + j][:h, :w])
+        _set_train_modes(self.segmenter)
+        return dict(zip(self.segmenter.class_names, dice_per_class(preds, refs, self.num_classes)))
+
+    def consider(self, step: int, dice: dict) -> None:
+        """Keep the model of ``step`` when its mean validation Dice beats the best so far (ties keep the earlier)."""
+        self.fire("on_validation_end", step, dice)
+        score = mean_finite(dice)
+        if self.best_state is None or score > self.best_score:
+            self.best_score, self.best_state = score, plain_state_dict(self.segmenter)
+            self.result.best_step = step
+            self.result.val_dice = dict(dice)
+            self.fire("on_best_saved", step)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch: (encoder input or frozen-prefix features, labels [B, 1, S, S])."""
+        idx = self.sampler.next() if self.ddp is None else self.ddp.shard(self.sampler.next())
+        if self.pool_feats is not None:
+            feats = torch.stack([self.pool_feats[i] for i in idx])
+            target = torch.stack([self.pool_labels[i] for i in idx])
+        else:
+            pairs = [
+                augment(self.online, self.pool_images[i], self.pool_labels[i]) if self.online is not None
+                else (self.pool_images[i], self.pool_labels[i])
+                for i in idx
+            ]
+            feats = (torch.stack([a for a, _ in pairs]).to(self.device) - self.mean) / self.std
+            target = torch.stack([b for _, b in pairs])
+        return feats, target.to(self.device)[:, None]
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step (``step`` counts from 0): (loss, learning rate)."""
+        config = self.config
+        lr = self.optimizer.set_lr_factor(lr_factor(step, config.steps, config.warmup, config.poly_power))
+        feats, target = self.batch()
+        if self.ddp is None:
+            loss = self.loss_fn(self.forward(feats), target)
+        else:
+            with self.autocast():
+                logits = self.train_module(feats).float()
+            loss = self.ddp.global_loss(self.loss_fn, logits, target)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"The loss became {loss.item()} at step {step + 1}; lower --lr.")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return float(loss.item()), lr
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self) -> FinetuneResult:
+        config, result = self.config, self.result
+        self.start_time = time.perf_counter()
+        torch.manual_seed(config.seed)
+        self.setup_model()
+        step_times: list[float] = []
+        try:
+            self.prepare_data()
+            last_val = None
+            if len(self.val):
+                result.initial_val_dice = last_val = self.validate()
+                self.consider(0, result.initial_val_dice)
+                result.history.append({"step": 0, "val_dice": result.initial_val_dice})
+                self.emit(event("validate", step=0, steps=config.steps, val_dice=result.initial_val_dice,
+                                elapsed=self.elapsed()))
+            val_every = config.val_every or max(1, math.ceil(config.steps / 4))
+            train_start = time.perf_counter()
+            for step in range(config.steps):
+                if self.ddp.any(self.should_stop()) if self.ddp is not None else self.should_stop():
+                    result.stopped = True
+                    break
+                t0 = time.perf_counter()
+                loss, lr = self.train_step(step)
+                step_times.append(time.perf_counter() - t0)
+                done = result.steps_done = step + 1
+                result.final_loss = loss
+                entry = {"step": done, "steps": config.steps, "loss": loss, "lr": lr}
+                if len(self.val) and (done % val_every == 0 or done == config.steps):
+                    last_val = entry["val_dice"] = self.validate()
+                    self.consider(done, last_val)
+                entry["elapsed"] = self.elapsed()
+                entry["eta"] = (time.perf_counter() - train_start) / done * (config.steps - done)
+                entry["val_dice"] = entry.get("val_dice", last_val)
+                result.history.append(entry)
+                self.emit(event("step", **entry))
+                self.fire("on_step_end", entry)
+        except KeyboardInterrupt:
+            result.stopped = True
+        except RuntimeError as exc:
+            if _is_oom(exc):
+                raise TrainingError(
+                    f"Out of memory on {self.device}: try --checkpointing, fewer --train-stages, a smaller batch, "
+                    "--method galore-layerwise, or the CPU."
+                ) from exc
+            raise
+        finally:
+            self.teardown()
+        self.finish(step_times)
+        self.fire("on_finished", result)
+        return result
+
+    def teardown(self) -> None:
+        self.optimizer.remove_hooks()
+        set_checkpointing(self.checkpointed, False)
+        for p in self.segmenter.parameters():
+            p.grad = None
+        if self.wrapped:
+            merge_lora(self.segmenter)
+
+    def finish(self, step_times: list[float]) -> None:
+        """Restore the best weights (validated runs), freeze, and fill in the timings."""
+        result, segmenter = self.result, self.segmenter
+        if self.best_state is not None:
+            segmenter.load_state_dict(self.best_state)
+        else:
+            result.best_step = result.steps_done
+        for p in segmenter.parameters():
+            p.requires_grad_(False)
+        segmenter.eval()
+        result.seconds_per_step = float(np.mean(step_times)) if result.steps_done and step_times else 0.0
+        result.total_seconds = self.elapsed()
 
 
 def finetune(
@@ -135,299 +518,13 @@ def finetune(
     callback: Optional[Callable[[dict], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     feature_cache: Optional[dict] = None,
+    hooks: Sequence[TrainingHook] = (),
 ) -> FinetuneResult:
-    """Fine-tune ``segmenter`` (a ClassSegmenter) on 2-D slices in [0, 1] with labels 0..k.
-
-    ``feature_cache``: a dict shared between runs that start from the *same pretrained encoder* on
-    the same slices (e.g. a method and its baseline); frozen-prefix features computed by one run are
-    reused (or continued to a deeper prefix) by the next.
-    """
-    config = (config or FinetuneConfig()).validate()
-    k = segmenter.num_classes
-    check_training_data(images01, labels, k, getattr(segmenter, "class_names", None))
-    val_images = list(val_images or [])
-    val_labels = list(val_labels or [])
-    if len(val_images) != len(val_labels):
-        raise TrainingError("Give one label slice per validation image slice.")
-    # under torchrun: join the process group; rank 0 alone validates and reports (None in one process)
-    ddp = DistributedTraining.from_environment(config.method, config.device)
-    device = ddp.device if ddp is not None else resolve_device(config.device)
-    if ddp is not None and not ddp.is_main:
-        val_images, val_labels, callback = [], [], None
-    amp_dtype = _autocast_dtype(config.precision, device)
-    if amp_dtype is not None and config.method == "galore-layerwise" and amp_dtype == torch.float16:
-        amp_dtype = torch.bfloat16  # a gradient scaler cannot unscale inside per-parameter hooks
-    emit = callback or (lambda info: None)
-    stop = should_stop or (lambda: False)
-    start_time = time.perf_counter()
-    torch.manual_seed(config.seed)
-    result = FinetuneResult(config=config.to_dict())
-    if ddp is not None:
-        result.config["distributed"] = {"world_size": ddp.world_size, "backend": ddp.backend,
-                                        "global_batch": config.batch_size * ddp.world_size}
-        result.notes.append(ddp.describe(config.batch_size, config.lr))
-
-    segmenter.to(device)
-    for p in segmenter.parameters():
-        p.requires_grad_(False)
-    encoder = segmenter.image_encoder
-
-    # --- what trains ---------------------------------------------------------------------------
-    split_kind = EncoderSplit(encoder, 0).kind
-    if config.method == "decoder":
-        stages = 0
-        if config.train_stages:
-            result.notes.append("method 'decoder' freezes the whole encoder; train_stages ignored")
-    else:
-        defaults = DEFAULT_TRAIN_STAGES["cpu" if device.type == "cpu" else "gpu"]
-        stages = defaults[split_kind] if config.train_stages is None else config.train_stages
-        if stages == 0:
-            raise TrainingError(f"Method {config.method!r} trains the encoder: train_stages must be at least 1.")
-    split = EncoderSplit(encoder, stages)
-    result.train_stages = split.train_stages
-    enc_lr = config.encoder_lr or config.lr
-
-    head_params = list(segmenter.mask_decoder.parameters()) + [segmenter.prompt_encoder.no_mask_embed.weight]
-    groups = [dict(params=head_params, lr=config.lr, weight_decay=config.weight_decay, name="head")]
-    notes: list[str] = []
-    galore_weights: list[nn.Parameter] = []
-    wrapped: list[LoRAQKV] = []
-    if config.method in ("galore", "galore-layerwise", "full"):
-        enc_params = split.trainable_parameters()
-        for p in enc_params:
-            p.requires_grad_(True)
-        if config.method == "full":
-            groups.append(dict(params=enc_params, lr=enc_lr, weight_decay=config.weight_decay, name="encoder"))
-        else:
-            galore_weights = linear_weights(split.trainable_modules())
-            ids = {id(w) for w in galore_weights}
-            gal, notes = galore_groups(galore_weights, config, enc_lr)
-            groups.extend(gal)
-            rest = [p for p in enc_params if id(p) not in ids]
-            groups.append(dict(params=rest, lr=enc_lr, weight_decay=config.weight_decay, name="encoder_other"))
-    elif config.method == "lora":
-        blocks = [m for stage in split.trainable_stages for m in stage.modules() if hasattr(m, "attn") and hasattr(m.attn, "qkv")]
-        wrapped = apply_lora(encoder, config.lora_rank, config.lora_alpha, blocks=blocks)
-        if not wrapped:
-            raise TrainingError("LoRA found no attention block in the trained encoder stages.")
-        groups.append(dict(params=lora_parameters(wrapped), lr=enc_lr, weight_decay=config.weight_decay, name="lora"))
-    for group in groups:
-        for p in group["params"]:
-            p.requires_grad_(True)
-    result.notes.extend(notes)
-    result.galore_parameters = count(galore_weights)
-    trainable = [p for g in groups for p in g["params"]]
-    result.trainable_parameters = count(trainable)
-    optimizer = build_optimizer(groups, config, notes)
-    scaler = None
-    if amp_dtype == torch.float16 and not optimizer.layerwise:
-        scaler = torch.amp.GradScaler(device.type)
-        optimizer.grad_scaler = scaler
-    units = checkpoint_units(split) if config.checkpointing else []
-    set_checkpointing(units, True)
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
-    )
-
-    try:
-        # --- data: frozen prefix computed once per (augmented) slice --------------------------
-        _set_train_modes(segmenter)
-        train = FewShotSlices(images01, labels, segmenter.image_size)
-        mean = segmenter.pixel_mean.to(device)
-        std = segmenter.pixel_std.to(device)
-
-        def prefix_features(images: list[torch.Tensor], phase: str) -> list[torch.Tensor]:
-            stacked = torch.stack(images)
-            signature = (phase, len(images), round(float(stacked.sum()), 3), round(float(stacked.square().sum()), 3))
-            depth = split.frozen_depth + (1 if split.frozen else 0)
-            if feature_cache is not None:
-                if (signature, depth) in feature_cache:
-                    return feature_cache[(signature, depth)]
-                usable = [d for (sig, d) in feature_cache if sig == signature and d <= split.frozen_depth]
-                if usable:
-                    start = max(usable)
-                    cached = feature_cache[(signature, start)]
-                    with torch.no_grad(), autocast():
-                        feats = [split.prefix_from(cached[i : i + 2].to(device), start).float() for i in range(0, len(cached), 2)]
-                    feats = torch.cat(feats)
-                    feature_cache[(signature, depth)] = feats
-                    return feats
-            feats = []
-            with torch.no_grad(), autocast():
-                for i in range(0, len(images), 2):
-                    if stop():
-                        raise KeyboardInterrupt
-                    batch = torch.stack(images[i : i + 2]).to(device)
-                    out = split.prefix((batch - mean) / std).float()
-                    feats.extend(out.unbind(0))
-                    emit(event(phase, done=min(i + 2, len(images)), total=len(images),
-                               elapsed=time.perf_counter() - start_time))
-            feats = torch.stack(feats)
-            if feature_cache is not None:
-                feature_cache[(signature, depth)] = feats
-            return feats
-
-        online = None
-        if split.whole:
-            pool_images, pool_labels = train.images, train.labels
-            pool_feats = None
-            online = build_augmentation(config.seed) if config.augment else None
-        else:
-            pool_images, pool_labels = train.augmented_pool(config.augment_copies, config.augment, config.seed)
-            pool_feats = prefix_features(pool_images, "prepare")
-        val_idx = select_validation(len(val_images), config.max_val_slices)
-        val = FewShotSlices([val_images[i] for i in val_idx], [val_labels[i] for i in val_idx], segmenter.image_size)
-        from ..preprocess import SliceTransform
-
-        tf = SliceTransform(segmenter.image_size)
-        val_shapes = [tf.resized_shape(np.shape(val_images[i])) for i in val_idx]
-        val_feats = prefix_features(val.images, "prepare-validation") if (len(val) and not split.whole) else None
-        result.prepare_seconds = time.perf_counter() - start_time
-
-        from monai.losses import DiceCELoss
-
-        loss_fn = DiceCELoss(
-            to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight, lambda_ce=config.ce_weight, batch=True,
-            include_background=config.dice_background,
-        )
-
-        def forward(feats: torch.Tensor) -> torch.Tensor:
-            with autocast():
-                return segmenter.decode(split.suffix(feats)).float()
-
-        train_module = ddp.wrap(segmenter, split.suffix) if ddp is not None else None
-
-        def train_forward(feats: torch.Tensor) -> torch.Tensor:
-            if train_module is None:
-                return forward(feats)
-            with autocast():
-                return train_module(feats).float()
-
-        def validate() -> dict:
-            if not len(val):
-                return {}
-            totals = np.zeros((k, 2))
-            with torch.no_grad():
-                for i in range(0, len(val), 2):
-                    if val_feats is not None:
-                        feats = val_feats[i : i + 2]
-                    else:
-                        feats = (torch.stack(val.images[i : i + 2]).to(device) - mean) / std
-                    pred = forward(feats).argmax(1).cpu()
-                    for j in range(pred.shape[0]):
-                        h, w = val_shapes[i + j]
-                        p, g = pred[j, :h, :w], val.labels[i + j][:h, :w]
-                        for c in range(1, k + 1):
-                            pc, gc = p == c, g == c
-                            totals[c - 1, 0] += int((pc & gc).sum())
-                            totals[c - 1, 1] += int(pc.sum() + gc.sum())
-            names = list(segmenter.class_names)
-            return {names[c]: (float(2 * totals[c, 0] / totals[c, 1]) if totals[c, 1] else float("nan")) for c in range(k)}
-
-        def mean_of(d: dict) -> float:
-            vals = [v for v in d.values() if not math.isnan(v)]
-            return float(np.mean(vals)) if vals else float("nan")
-
-        val_every = config.val_every or max(1, math.ceil(config.steps / 4))
-        best_state = None
-        best_score = -1.0
-        if len(val):
-            result.initial_val_dice = validate()
-            best_score = mean_of(result.initial_val_dice)
-            best_state = plain_state_dict(segmenter)
-            result.val_dice = dict(result.initial_val_dice)
-            result.history.append({"step": 0, "val_dice": result.initial_val_dice})
-            emit(event("validate", step=0, steps=config.steps, val_dice=result.initial_val_dice,
-                       elapsed=time.perf_counter() - start_time))
-            _set_train_modes(segmenter)
-
-        world = ddp.world_size if ddp is not None else 1
-        if world > 1 and len(pool_images) < config.batch_size * world:
-            raise TrainingError(
-                f"The global batch ({config.batch_size} x {world} processes) is larger than the {len(pool_images)} "
-                "training slices (with augmented copies): lower --batch-size or --nproc_per_node.")
-        # every rank draws the same global batch from the same shuffle and trains on its own part of it
-        sampler = BatchSampler(len(pool_images), config.batch_size * world, config.seed)
-        step_times: list[float] = []
-        train_start = time.perf_counter()
-        last_val = result.initial_val_dice or None
-        for step in range(config.steps):
-            if ddp.any(stop()) if ddp is not None else stop():
-                result.stopped = True
-                break
-            t0 = time.perf_counter()
-            lr = optimizer.set_lr_factor(lr_factor(step, config.steps, config.warmup, config.poly_power))
-            idx = sampler.next() if ddp is None else ddp.shard(sampler.next())
-            if pool_feats is not None:
-                feats = torch.stack([pool_feats[i] for i in idx])
-                target = torch.stack([pool_labels[i] for i in idx])
-            else:
-                pairs = [
-                    augment(online, pool_images[i], pool_labels[i]) if online is not None else (pool_images[i], pool_labels[i])
-                    for i in idx
-                ]
-                feats = (torch.stack([a for a, _ in pairs]).to(device) - mean) / std
-                target = torch.stack([b for _, b in pairs])
-            target = target.to(device)[:, None]
-            logits = train_forward(feats)
-            loss = loss_fn(logits, target) if ddp is None else ddp.global_loss(loss_fn, logits, target)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"The loss became {loss.item()} at step {step + 1}; lower --lr.")
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            step_times.append(time.perf_counter() - t0)
-            result.steps_done = step + 1
-            result.final_loss = float(loss.item())
-            entry = {"step": step + 1, "steps": config.steps, "loss": result.final_loss, "lr": lr}
-            val_now = None
-            if len(val) and ((step + 1) % val_every == 0 or step + 1 == config.steps):
-                val_now = validate()
-                _set_train_modes(segmenter)
-                score = mean_of(val_now)
-                if score > best_score:  # ties keep the earlier model
-                    best_score, best_state = score, plain_state_dict(segmenter)
-                    result.best_step = step + 1
-                    result.val_dice = dict(val_now)
-                last_val = val_now
-                entry["val_dice"] = val_now
-            elapsed_train = time.perf_counter() - train_start
-            done = step + 1
-            entry["elapsed"] = time.perf_counter() - start_time
-            entry["eta"] = elapsed_train / done * (config.steps - done)
-            entry["val_dice"] = entry.get("val_dice", last_val)
-            result.history.append(entry)
-            emit(event("step", **entry))
-    except KeyboardInterrupt:
-        result.stopped = True
-        best_state = locals().get("best_state")
-    except RuntimeError as exc:
-        if _is_oom(exc):
-            raise TrainingError(
-                f"Out of memory on {device}: try --checkpointing, fewer --train-stages, a smaller batch, "
-                "--method galore-layerwise, or the CPU."
-            ) from exc
-        raise
-    finally:
-        optimizer.remove_hooks()
-        set_checkpointing(units, False)
-        for p in segmenter.parameters():
-            p.grad = None
-        if wrapped:
-            merge_lora(segmenter)
-    if best_state is not None and (len(val_images) and result.best_step >= 0):
-        segmenter.load_state_dict(best_state)
-    else:
-        result.best_step = result.steps_done
-    for p in segmenter.parameters():
-        p.requires_grad_(False)
-    segmenter.eval()
-    result.seconds_per_step = float(np.mean(step_times)) if result.steps_done and step_times else 0.0
-    result.total_seconds = time.perf_counter() - start_time
-    return result
+    """Fine-tune ``segmenter`` (a ClassSegmenter) on 2-D slices in [0, 1] with labels 0..k: a
+    :class:`Trainer` run (see there for the arguments)."""
+    return Trainer(segmenter, images01, labels, config, val_images, val_labels, callback, should_stop,
+                   feature_cache, hooks).run()
 
 
-__all__ = ["FinetuneResult", "finetune", "plain_state_dict", "dice_per_class", "DEFAULT_TRAIN_STAGES"]
+__all__ = ["FinetuneResult", "Trainer", "TrainingHook", "finetune", "parameter_groups", "plain_state_dict",
+           "DEFAULT_TRAIN_STAGES"]

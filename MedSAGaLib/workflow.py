@@ -1,0 +1,421 @@
+"""The product's operations as library calls: fine-tune, evaluate, segment.
+
+Every front end (the ``medsaga`` CLI, the demo, the benchmarks, the Slicer panel's jobs) calls
+these; none repeats their steps. Nothing here prints or parses arguments: progress goes to a
+``progress`` callback as events of :mod:`MedSAGaLib.events`, a ``should_stop`` callable ends
+training between steps, and each call returns a result object.
+
+    task = load_task("t1.nii.gz", "labels.seg.nrrd", axis="axial")
+    run = finetune_volume(task, shots=5, output="brain.medsaga", method="galore", steps=60)
+    scores = evaluate_volume("brain.medsaga", task)
+    segment_file("t1.nii.gz", "brain.medsaga", "brain.seg.nrrd")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .events import event, jsonable
+from .slices import annotated_slices, get_slice, labels_for_model, parse_slices, plan_slices, select_classes
+from .training.config import FinetuneConfig, TrainingError
+from .volume import array_from_image, normalize_with, parse_window, preprocessing_settings, read_volume, slice_axis
+
+ProgressCallback = Optional[Callable[[dict], None]]
+ImageInput = Union[str, Path, sitk.Image]
+
+
+# --- the task: an image, its labels and the slice axis ---------------------------------------
+@dataclass
+class Task:
+    """A volume and its (partial) labels on the same grid, classes chosen, slice axis resolved."""
+
+    image: sitk.Image
+    array: np.ndarray  # (z, y, x) float32 intensities
+    labels: np.ndarray  # (z, y, x) uint8, 0 = unlabelled / background, 1..k the classes
+    class_names: list
+    class_colors: list
+    axis: int  # axis of ``array`` to slice along
+    axis_name: str = "axial"
+    image_source: str = ""
+    labels_source: str = ""
+
+    @property
+    def annotated(self) -> list[int]:
+        return annotated_slices(self.labels, self.axis)
+
+    def spacing2d(self) -> list[float]:
+        """In-plane pixel spacing (mm) of the slices, in the order of a slice's axes."""
+        spacing_zyx = list(self.image.GetSpacing())[::-1]
+        return [s for a, s in enumerate(spacing_zyx) if a != self.axis]
+
+
+def _image(image: ImageInput) -> tuple[sitk.Image, str]:
+    if isinstance(image, sitk.Image):
+        return image, "in memory"
+    return read_volume(image), str(image)
+
+
+def load_task(image: ImageInput, labels: Union[str, Path, sitk.Image], axis: Optional[str] = "axial",
+              classes: Optional[Sequence[str]] = None) -> Task:
+    """Read an image and its label volume or .seg.nrrd (paths or SimpleITK images), apply a class choice
+    (``classes``: see :func:`~MedSAGaLib.slices.select_classes`) and resolve the slice axis."""
+    from .segio import compact_labels, read_labels
+
+    sitk_image, image_source = _image(image)
+    if isinstance(labels, sitk.Image):
+        values, kept = compact_labels(sitk.GetArrayFromImage(labels).astype(np.int64))
+        label_array, names, colors = values, [f"label_{v}" for v in kept], [None] * len(kept)
+        labels_source = "in memory"
+    else:
+        label_array, names, colors = read_labels(labels, sitk_image)
+        labels_source = str(labels)
+    label_array, names, colors = select_classes(label_array, names, colors, list(classes) if classes else None)
+    axis_name = axis or "axial"
+    return Task(sitk_image, array_from_image(sitk_image), label_array, names, colors, slice_axis(sitk_image, axis_name),
+                axis_name, image_source, labels_source)
+
+
+def preprocessing_for(window: Optional[str], model_metadata: Optional[dict] = None) -> dict:
+    """Intensity preprocessing: the ``window`` asked for, else the model's own setting, else percentiles."""
+    parsed = parse_window(window)
+    if parsed is not None:
+        return preprocessing_settings(parsed)
+    return (model_metadata or {}).get("preprocessing") or preprocessing_settings(None)
+
+
+# --- fine-tuning -------------------------------------------------------------------------------
+def finetune_config(train_count: int = 1, epochs: Optional[float] = None, **settings: Any) -> FinetuneConfig:
+    """A checked :class:`FinetuneConfig` from settings (None = the default). ``epochs`` (passes over
+    ``train_count`` slices) replaces ``steps``; the warm-up is clamped below the number of steps."""
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if epochs is not None:
+        if settings.get("steps") is not None:
+            raise ValueError("Give steps or epochs, not both.")
+        if epochs <= 0:
+            raise ValueError("--epochs must be positive.")
+        batch = settings.get("batch_size", FinetuneConfig.batch_size)
+        settings["steps"] = max(1, math.ceil(epochs * train_count / max(1, batch)))
+    if settings.get("device") == "auto":
+        from .inference import resolve_device
+
+        settings["device"] = str(resolve_device("auto"))
+    config = FinetuneConfig(**settings).validate()
+    config.warmup = min(config.warmup, max(0, config.steps - 1))
+    return config
+
+
+def new_segmenter(class_names: Sequence[str], class_colors: Optional[Sequence] = None, base: Optional[str] = None,
+                  checkpoint: Optional[str] = None, image_size: Optional[int] = None):
+    """An untrained k-class head on a base model (default LiteMedSAM)."""
+    from .head import ClassSegmenter
+    from .models import build_base_model
+
+    colors = list(class_colors) if class_colors and all(c is not None for c in class_colors) else None
+    base_model = build_base_model(base or "litemedsam", checkpoint=checkpoint, image_size=image_size)
+    return ClassSegmenter.from_base(base_model, list(class_names), colors)
+
+
+def finetune_slices(segmenter, train_images: Sequence[np.ndarray], train_labels: Sequence[np.ndarray],
+                    val_images: Sequence[np.ndarray] = (), val_labels: Sequence[np.ndarray] = (), *,
+                    config: Optional[FinetuneConfig] = None, progress: ProgressCallback = None,
+                    should_stop: Optional[Callable[[], bool]] = None, hooks: Sequence = (),
+                    feature_cache: Optional[dict] = None):
+    """Fine-tune ``segmenter`` in place on 2-D slices in [0, 1]; out-of-memory becomes a TrainingError."""
+    from .training import finetune
+
+    try:
+        return finetune(segmenter, train_images, train_labels, config or finetune_config(), val_images, val_labels,
+                        callback=progress, should_stop=should_stop, feature_cache=feature_cache, hooks=hooks)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise TrainingError(f"Out of memory: {exc}") from None
+        raise
+
+
+@dataclass
+class FinetuneRun:
+    """What :func:`finetune_volume` did: the trained segmenter, the trainer's result, the slices used,
+    the metadata stored with the model, and the file written (None when nothing was written)."""
+
+    segmenter: Any
+    result: Any
+    train_slices: list
+    val_slices: list
+    config: FinetuneConfig
+    metadata: dict = field(default_factory=dict)
+    model_path: Optional[Path] = None
+
+
+def _resumed_segmenter(resume: str, names: list, base: Optional[str], names_given: bool):
+    from .modelfile import ModelFileError, load_model, read_metadata
+
+    meta = read_metadata(resume)
+    if base is not None and meta.get("base_model") != base:
+        raise ModelFileError(
+            f"{resume} was adapted from {meta.get('base_model')}, not {base}; "
+            "drop --base or start from the matching base model.")
+    model_names = list(meta.get("class_names") or [])
+    if not names_given and model_names != names and len(model_names) == len(names) and all(
+            n.startswith("label_") for n in names):
+        names = model_names  # a plain label volume: values 1..k are the model's classes in order
+    if model_names != names:
+        raise ModelFileError(
+            f"{resume} segments {model_names}, but the labels hold {names}; "
+            "resume with labels of the same classes (or --classes to name them).")
+    return load_model(resume, class_names=names), meta, names
+
+
+def finetune_volume(
+    task: Union[Task, ImageInput],
+    labels: Union[str, Path, sitk.Image, None] = None,
+    *,
+    output: Union[str, Path, None] = None,
+    axis: Optional[str] = None,
+    classes: Optional[Sequence[str]] = None,
+    slices: Union[str, Sequence[int], None] = None,
+    shots: Optional[int] = None,
+    val_slices: Optional[Sequence[int]] = None,
+    val_fraction: float = 0.2,
+    window: Optional[str] = None,
+    base: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    image_size: Optional[int] = None,
+    resume: Union[str, Path, None] = None,
+    epochs: Optional[float] = None,
+    progress: ProgressCallback = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    hooks: Sequence = (),
+    feature_cache: Optional[dict] = None,
+    **settings: Any,
+) -> FinetuneRun:
+    """Fine-tune on the annotated slices of a volume and (with ``output``) write the adapted model.
+
+    ``task`` is a :class:`Task` or an image (path / SimpleITK image) with ``labels``. Training slices:
+    ``slices`` (a list or the CLI's text), else ``shots`` evenly spread annotated slices, else all;
+    the other annotated slices validate (or ``val_slices``). ``resume`` continues a model file.
+    ``settings`` are :class:`FinetuneConfig` fields (method, steps, lr, rank, ...). Progress events:
+    ``start``, then the trainer's, then ``done`` once the model file is written.
+    """
+    if not isinstance(task, Task):
+        if labels is None:
+            raise ValueError("Give the labels with the image.")
+        task = load_task(task, labels, axis, classes)
+    if slices is not None and shots is not None:
+        raise ValueError("Give --slices or --shots, not both.")
+    output = Path(output) if output is not None else None
+    if output is not None and output.is_dir():
+        raise ValueError(f"Output {output} is a folder; give a model file name.")
+    names, colors = list(task.class_names), list(task.class_colors)
+    if not names:
+        raise TrainingError(f"{task.labels_source or 'The labels'} holds no label: annotate at least one slice.")
+    annotated = task.annotated
+    requested = parse_slices(slices, task.array.shape[task.axis]) if isinstance(slices, str) else (
+        None if slices is None else sorted(int(s) for s in slices))
+    train_idx, val_idx = plan_slices(annotated, requested, shots, val_fraction)
+    if val_slices is not None:
+        val_idx = [int(s) for s in val_slices]
+
+    resumed_meta = None
+    if resume:
+        segmenter, resumed_meta, names = _resumed_segmenter(str(resume), names, base, bool(classes))
+    else:
+        segmenter = new_segmenter(names, colors, base, checkpoint, image_size)
+    preprocessing = preprocessing_for(window, resumed_meta)
+    config = finetune_config(len(train_idx), epochs, **settings)
+    emit = progress or (lambda ev: None)
+    emit(event("start", train_slices=train_idx, val_slices=val_idx, classes=names, method=config.method,
+               steps=config.steps))
+
+    array01 = normalize_with(task.array, preprocessing)
+    take = lambda volume, indices: [get_slice(volume, task.axis, i) for i in indices]  # noqa: E731
+    result = finetune_slices(segmenter, take(array01, train_idx), take(task.labels, train_idx), take(array01, val_idx),
+                             take(task.labels, val_idx), config=config, progress=progress, should_stop=should_stop,
+                             hooks=hooks, feature_cache=feature_cache)
+    training = result.metadata()
+    training.update(
+        train_slices=train_idx, val_slices=val_idx, labels=task.labels_source, image=task.image_source,
+        resumed_from=str(resume) if resume else None, previous_training=(resumed_meta or {}).get("training"),
+        rank=config.rank, lr=config.lr,
+    )
+    metadata = {"preprocessing": preprocessing, "axis": task.axis_name, "training": jsonable(training),
+                "validation_dice": jsonable(result.val_dice)}
+    run = FinetuneRun(segmenter, result, train_idx, val_idx, config, metadata)
+    if output is not None and result.steps_done > 0:
+        from .modelfile import save_model
+
+        run.model_path = save_model(output, segmenter, metadata)
+        emit(event("done", model=str(output), steps=result.steps_done, stopped=result.stopped,
+                   best_step=result.best_step, val_dice=result.val_dice, initial_val_dice=result.initial_val_dice,
+                   seconds_per_step=round(result.seconds_per_step, 3), seconds=round(result.total_seconds, 1)))
+    return run
+
+
+# --- evaluation --------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """Scores of a model against reference labels on some slices (see :mod:`MedSAGaLib.metrics`)."""
+
+    model: str
+    slices: list
+    classes: list  # one dict per class: name, dice, hd95_mm, slices, slices_one_empty
+    training_slices_included: list
+    prediction: Optional[np.ndarray] = None  # the label volume predicted on ``slices``
+
+    @property
+    def mean_dice(self) -> Optional[float]:
+        values = [r["dice"] for r in self.classes if math.isfinite(r["dice"])]
+        return float(np.mean(values)) if values else None
+
+    @property
+    def mean_hd95_mm(self) -> Optional[float]:
+        values = [r["hd95_mm"] for r in self.classes if math.isfinite(r["hd95_mm"])]
+        return float(np.mean(values)) if values else None
+
+    def summary(self) -> dict:
+        return {"model": self.model, "slices": self.slices, "classes": self.classes, "mean_dice": self.mean_dice,
+                "mean_hd95_mm": self.mean_hd95_mm, "training_slices_included": self.training_slices_included}
+
+
+def _segment_progress(progress: ProgressCallback):
+    if progress is None:
+        return False
+    return lambda done, total: progress(event("segment", done=done, total=total))
+
+
+def _load(model):
+    from .modelfile import load_model
+
+    return model if hasattr(model, "class_names") else load_model(model)
+
+
+def evaluate_volume(
+    model,
+    task: Union[Task, ImageInput],
+    labels: Union[str, Path, sitk.Image, None] = None,
+    *,
+    axis: Optional[str] = None,
+    slices: Union[str, Sequence[int], None] = None,
+    window: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    device: str = "auto",
+    progress: ProgressCallback = None,
+) -> Evaluation:
+    """Segment the annotated slices (or ``slices``) with ``model`` (a file or a segmenter) and score
+    them against the reference labels, class by class (matched by name, else by order)."""
+    from .inference import resolve_device, segment_volume
+    from .metrics import evaluate_labels
+
+    segmenter = _load(model)
+    meta = getattr(segmenter, "metadata", {}) or {}
+    if not isinstance(task, Task):
+        task = load_task(task, labels, axis or meta.get("axis") or "axial")
+    elif axis is not None:
+        task.axis, task.axis_name = slice_axis(task.image, axis), axis
+    ref = labels_for_model(segmenter.class_names, task.class_names, task.labels)
+    if isinstance(slices, str):
+        slices = parse_slices(slices, task.array.shape[task.axis])
+    slices = list(slices) if slices else annotated_slices(ref, task.axis)
+    if not slices:
+        raise ValueError("The labels have no annotated slice to evaluate on; give --slices.")
+    array01 = normalize_with(task.array, preprocessing_for(window, meta))
+    pred = segment_volume(segmenter, array01, task.axis, slices, batch_size, resolve_device(device),
+                          progress=_segment_progress(progress))
+    stack = lambda volume: np.moveaxis(volume, task.axis, 0)[slices]  # noqa: E731
+    metrics = evaluate_labels(stack(pred), stack(ref), segmenter.num_classes, task.spacing2d())
+    rows = [dict(name=n, **metrics[c]) for c, n in enumerate(segmenter.class_names, start=1)]
+    trained = set((meta.get("training") or {}).get("train_slices") or [])
+    return Evaluation(str(model) if not hasattr(model, "class_names") else "in memory", slices, rows,
+                      sorted(trained & set(slices)), pred)
+
+
+# --- segmentation ------------------------------------------------------------------------------
+@dataclass
+class Segmentation:
+    """What :func:`segment_file` wrote: label volume, class names and colours, the files, notes."""
+
+    labels: np.ndarray
+    class_names: list
+    class_colors: list
+    output: Path
+    labelmap: Optional[Path] = None
+    notes: list = field(default_factory=list)
+
+    def voxel_counts(self) -> dict:
+        return {name: int((self.labels == value).sum()) for value, name in enumerate(self.class_names, start=1)}
+
+
+def segment_file(
+    image: ImageInput,
+    model,
+    output: Union[str, Path],
+    *,
+    labelmap: Union[str, Path, None] = None,
+    axis: Optional[str] = None,
+    slices: Union[str, Sequence[int], None] = None,
+    window: Optional[str] = None,
+    classes: Optional[Sequence[str]] = None,
+    checkpoint: Optional[str] = None,
+    image_size: Optional[int] = None,
+    boxes_from: Union[str, Path, None] = None,
+    box_margin: int = 0,
+    batch_size: Optional[int] = None,
+    device: str = "auto",
+    progress: ProgressCallback = None,
+) -> Segmentation:
+    """Segment a volume slice by slice and write a .seg.nrrd (and ``labelmap``, a plain label volume).
+
+    ``model`` is an adapted model file or a segmenter in memory, or a base model name with ``classes``
+    (an untrained head) or with ``boxes_from`` (a label volume whose per-slice bounding boxes prompt SAM, zero-shot).
+    """
+    from .inference import resolve_device, segment_volume, segment_with_boxes
+    from .modelfile import is_model_file, load_model
+    from .segio import read_labels, write_labelmap, write_seg_nrrd
+
+    if not str(output).lower().endswith(".seg.nrrd"):
+        raise ValueError(f"Output {output} must end in .seg.nrrd (use --labelmap for a plain label volume).")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError("--batch-size must be at least 1.")
+    sitk_image, _ = _image(image)
+    array = array_from_image(sitk_image)
+    torch_device = resolve_device(device)
+    notes = []
+    segmenter, meta = None, {}
+    if boxes_from:
+        if hasattr(model, "class_names") or is_model_file(model):
+            raise ValueError("--boxes-from prompts a base model; give --model litemedsam or vit_b/vit_l/vit_h with --checkpoint.")
+        box_labels, names, colors = read_labels(boxes_from, sitk_image)
+    elif hasattr(model, "class_names"):  # a segmenter in memory (the demo, the Slicer panel)
+        segmenter = model
+    else:
+        if not is_model_file(model) and not classes:
+            raise ValueError(
+                f"{model} is a base model: fine-tune it first (medsaga finetune), prompt it with --boxes-from, "
+                "or name --classes for an untrained head.")
+        segmenter = load_model(model, class_names=None if is_model_file(model) else classes,
+                               checkpoint=checkpoint, image_size=image_size)
+        if not is_model_file(model):
+            notes.append("an untrained k-class head gives SAM's prompt-free guess; fine-tune for real results.")
+    if segmenter is not None:
+        meta = getattr(segmenter, "metadata", None) or {}
+    axis_index = slice_axis(sitk_image, axis or meta.get("axis") or "axial")
+    chosen = parse_slices(slices, array.shape[axis_index]) if isinstance(slices, str) else slices
+    array01 = normalize_with(array, preprocessing_for(window, meta))
+    if segmenter is None:
+        from .models import build_base_model
+
+        base = build_base_model(model, checkpoint=checkpoint, image_size=image_size)
+        labels = segment_with_boxes(base, array01, box_labels, axis_index, chosen, margin=box_margin,
+                                    device=torch_device, progress=_segment_progress(progress))
+    else:
+        labels = segment_volume(segmenter, array01, axis_index, chosen, batch_size, torch_device,
+                                progress=_segment_progress(progress))
+        names, colors = segmenter.class_names, segmenter.class_colors
+    written = write_seg_nrrd(output, labels, sitk_image, names, colors)
+    plain = write_labelmap(labelmap, labels, sitk_image) if labelmap else None
+    return Segmentation(labels, list(names), list(colors or []), written, plain, notes)
