@@ -37,14 +37,15 @@ PRELUDE = textwrap.dedent(r"""
         def __enter__(self): return self
         def __exit__(self, *a): return False
     slicer.util.WaitCursor = WaitCursor
+    slicer.app = types.SimpleNamespace(testingEnabled=lambda: TESTING, applicationVersion="5.10.0")
     import MedSAGa
     heavy = [m for m in ("torch", "MedSAGaLib", "monai", "segment_anything", "SimpleITK") if m in sys.modules]
     print("HEAVY", heavy)
 """)
 
 
-def run(body, answer):
-    code = "ANSWER = %r\n" % answer + PRELUDE % {"module_dir": MODULE_DIR} + textwrap.dedent(body)
+def run(body, answer, testing=False):
+    code = "ANSWER = %r\nTESTING = %r\n" % (answer, testing) + PRELUDE % {"module_dir": MODULE_DIR} + textwrap.dedent(body)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
@@ -117,3 +118,38 @@ def test_without_pip_ensure_pip_install_is_constrained():
     assert "RESULT True" in out and "ARGS ['slicerio>=1.1', '-c'," in out
     constraints = out.split("CONSTRAINTS")[1]
     assert "numpy==" in constraints and "SimpleITK==" in constraints
+
+
+def test_testing_mode_never_installs():
+    """Slicer's ctest runs in testing mode: a missing package makes the test skip, never install."""
+    out = run("""
+        import importlib.util
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "monai" else real(name, *a)
+        print("RESULT", MedSAGa.installDependencies(askUser=True))
+        print("CALLS", [c[0] for c in calls])
+    """, answer=True, testing=True)
+    assert "RESULT False" in out and "CALLS []" in out
+
+
+def test_torchvision_missing_goes_to_the_pytorch_extension_with_the_keywords_it_takes():
+    """torch present, torchvision missing: the PyTorch extension installs a matching torchvision;
+    an extension release without torchvisionVersionRequirement is not passed it."""
+    out = run("""
+        import importlib.util
+        real = importlib.util.find_spec
+        missing = {"torchvision"}
+        importlib.util.find_spec = lambda name, *a: None if name in missing else real(name, *a)
+        seen = []
+        utils = types.ModuleType("PyTorchUtils")
+        class PyTorchUtilsLogic:
+            def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
+                seen.append((askConfirmation, torchVersionRequirement))
+                missing.clear()
+        utils.PyTorchUtilsLogic = PyTorchUtilsLogic
+        sys.modules["PyTorchUtils"] = utils
+        print("RESULT", MedSAGa.installDependencies(askUser=True))
+        print("SEEN", seen)
+        print("CALLS", [c[0] for c in calls])
+    """, answer=True)
+    assert "RESULT True" in out and "SEEN [(False, '>=2.1')]" in out and "CALLS ['ask']" in out

@@ -1,7 +1,6 @@
 """End to end through the bridge with real MRML (slicer-core) and the real ``medsaga`` CLI in a
 separate process: volume node + painted slices -> fine-tune (few steps) -> segment volume ->
 k segments, annotated slices unchanged, one undo step restores the previous state."""
-import importlib.util
 import os
 import sys
 
@@ -14,7 +13,7 @@ pytest.importorskip("torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "MedSAGaSlicer", "MedSAGa"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import MedSAGaBridge as bridge  # noqa: E402
+from MedSAGaBridgeLib import BridgeError, ClassMismatchError, jobs, prompts, segments  # noqa: E402
 from test_slicer_bridge import add_segmentation, add_volume, make_scene, paint  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -41,93 +40,92 @@ def painted_scene(shape=(6, 48, 48), class_names=CLASSES, annotated=ANNOTATED):
 
 
 def segment_and_check(vol, seg, ids, drawn, model_path, workdir, class_names=CLASSES):
-    ann = bridge.class_labels(seg, vol)
+    ann = segments.class_labels(seg, vol)
     assert ann.slices == ANNOTATED and ann.axis == 0
-    before = [bridge.segment_array(seg, sid, vol) for sid in ids]
+    before = [segments.segment_array(seg, sid, vol) for sid in ids]
     todo = [s for s in range(drawn.shape[0]) if s not in ann.slices]
-    job, labelmap = bridge.start_segment(vol, model_path, str(workdir), axis=ann.axis, slices=todo,
-                                         device="cpu", threads=1)
-    assert job.wait(600) == "done", job.error_text(30)
-    names, _, _ = bridge.model_summary(model_path)
+    names, _, _ = jobs.model_summary(model_path)
     assert names == class_names
-    undo = bridge.UndoHistory(seg, vol)
-    bridge.apply_segment_result(seg, vol, labelmap, names, ann.axis, ann.slices, undo=undo)
-    assert [n for _, n in bridge.segments(seg)] == class_names  # k segments, no extra ones
-    after = bridge.class_labels(seg, vol, axis=0).labels
+    bound = jobs.start_segment(vol, seg, model_path, names, ann, str(workdir), slices=todo, device="cpu", threads=1)
+    assert bound.job.wait(600) == "done", bound.job.error_text(30)
+    predicted = jobs.read_labels(bound.context["labelmap"], vol)  # read before finish() deletes it
+    session = segments.EditSession(seg, vol)
+    outcome = bound.finish(lambda segmentation, volume, masking: session)
+    assert outcome.state == "done" and not os.path.exists(str(workdir))
+    assert [n for _, n in segments.segments(seg)] == class_names  # k segments, no extra ones
+    after = segments.class_labels(seg, vol, axis=0).labels
     for s in ANNOTATED:
         assert np.array_equal(after[s], drawn[s]), f"annotated slice {s} changed"
-    predicted = bridge.read_labels(labelmap, vol)
     assert np.array_equal(after[todo], predicted[todo])
-    undo.undo()
+    session.undo()
     for sid, b in zip(ids, before):
-        assert np.array_equal(bridge.segment_array(seg, sid, vol), b)
+        assert np.array_equal(segments.segment_array(seg, sid, vol), b)
     return after
 
 
 def test_segment_volume_in_background_process(tmp_path, tiny_model_file):
     """The segment half, with the engine tests' untrained 2-class model file (tiny ViT, fast)."""
-    names, _, _ = bridge.model_summary(str(tiny_model_file))
+    names, _, _ = jobs.model_summary(str(tiny_model_file))
     scene, vol, seg, ids, truth, drawn = painted_scene(class_names=names)
-    segment_and_check(vol, seg, ids, drawn, str(tiny_model_file), tmp_path, class_names=names)
-    # a model whose classes do not match the segments: a clear error, nothing written
+    segment_and_check(vol, seg, ids, drawn, str(tiny_model_file), tmp_path / "job", class_names=names)
+    # a model whose classes do not match the segments: a clear error before any job starts
     seg.GetSegmentation().GetSegment(ids[1]).SetName("liver")
-    with pytest.raises(bridge.ClassMismatchError, match="no segment named"):
-        bridge.apply_segment_result(seg, vol, str(tmp_path / "result-labels.nrrd"), names, 0, ANNOTATED)
+    with pytest.raises(ClassMismatchError, match="no segment named"):
+        jobs.start_segment(vol, seg, str(tiny_model_file), names, segments.class_labels(seg, vol), str(tmp_path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("MedSAGaLib.cli_train") is None,
-                    reason="medsaga finetune (MedSAGaLib/cli_train.py, issue 3) has not landed yet")
 def test_finetune_then_segment_through_the_bridge(tmp_path, tiny_vit_checkpoint):
-    """GaLore (the default method) on the engine tests' tiny vit_b-format checkpoint: fast on a CPU."""
+    """GaLore (the default method) on the engine tests' tiny vit_b-format checkpoint: fast on a CPU.
+    Progress: trainer -> CLI JSON lines -> the bridge's progress text (MedSAGaLib.events)."""
+    from MedSAGaLib.events import describe
     scene, vol, seg, ids, truth, drawn = painted_scene()
     model_path = str(tmp_path / "adapted.medsaga")
-    job, inputs = bridge.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=2,
-                                        base="vit_b", checkpoint=str(tiny_vit_checkpoint), image_size=224,
-                                        method="galore", rank=4, device="cpu", threads=1)
-    assert inputs.slices == ANNOTATED
-    state = job.wait(900)
-    assert state == "done", job.error_text(40)
-    steps = bridge.step_records(job.records)
-    assert steps, "no JSON step lines: " + job.error_text(10)
+    bound = jobs.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=2, base="vit_b",
+                                checkpoint=str(tiny_vit_checkpoint), image_size=224, method="galore", rank=4,
+                                device="cpu", threads=1)
+    assert bound.context["inputs"].slices == ANNOTATED
+    assert bound.job.wait(900) == "done", bound.job.error_text(40)
+    steps = jobs.step_events(bound.job.events)
+    assert steps, "no JSON step lines: " + bound.job.error_text(10)
     last = steps[-1]
     for key in ("step", "steps", "loss", "lr", "elapsed", "eta"):
         assert key in last, key
     assert last["steps"] == 2 and last["step"] == 2
-    assert job.records[-1].get("event") == "done"
-    assert all(bridge.progress_text(r) for r in job.records)
-    assert os.path.isfile(model_path)
-    text = bridge.describe_model(model_path)
+    assert bound.job.events[-1].get("event") == "done"
+    assert all(describe(e) for e in bound.job.events)
+    assert bound.job.progress_text().startswith("done: 2 steps")
+    outcome = bound.finish()
+    assert outcome.model_path == model_path and os.path.isfile(model_path)
+    assert not os.path.exists(str(tmp_path / "ft"))
+    text = jobs.describe_model(model_path)
     assert "Classes: outer, inner" in text and "galore, 2 steps" in text and "vit_b" in text
-    segment_and_check(vol, seg, ids, drawn, model_path, tmp_path)
+    segment_and_check(vol, seg, ids, drawn, model_path, tmp_path / "seg")
 
 
-def test_effect_segments_current_slice_and_all_slices_in_process(tiny_model_file):
-    """The effect's adapted-model actions, in process, with the Segment Editor logic's undo."""
+def test_effect_segments_the_current_slice_in_process(tiny_model_file):
+    """The effect's one-slice action, in process, masking-aware, one undo step."""
     import torch
     torch.set_num_threads(1)
     from MedSAGaLib.modelfile import load_model
     segmenter = load_model(str(tiny_model_file)).eval()
     names = list(segmenter.class_names)
     scene, vol, seg, ids, truth, drawn = painted_scene(class_names=names)
-    undo = bridge.UndoHistory(seg, vol)
-    assert bridge.segment_with_model(seg, vol, segmenter, 0, ANNOTATED[0], undo=undo) == ([], {})
-    slices, written = bridge.segment_with_model(seg, vol, segmenter, 0, 2, undo=undo)
+    session = segments.EditSession(seg, vol)
+    assert prompts.segment_slice_with_model(seg, vol, segmenter, 0, ANNOTATED[0], session=session) == ([], {})
+    slices, written = prompts.segment_slice_with_model(seg, vol, segmenter, 0, 2, session=session)
     assert slices == [2] and sorted(written) == sorted(names)
-    slices, _ = bridge.segment_with_model(seg, vol, segmenter, undo=undo)
-    assert slices == [0, 2, 3, 5]
-    after = bridge.class_labels(seg, vol, axis=0).labels
-    for s in ANNOTATED:
-        assert np.array_equal(after[s], drawn[s])
-    undo.undo()
-    undo.undo()
-    assert np.array_equal(bridge.class_labels(seg, vol, axis=0).labels, drawn)
+    after = segments.class_labels(seg, vol, axis=0).labels
+    assert np.array_equal(np.delete(after, 2, axis=0), np.delete(drawn, 2, axis=0))  # only slice 2 changed
+    session.undo()
+    assert np.array_equal(segments.class_labels(seg, vol, axis=0).labels, drawn)
     seg.GetSegmentation().GetSegment(ids[0]).SetName("liver")
-    with pytest.raises(bridge.ClassMismatchError):
-        bridge.segment_with_model(seg, vol, segmenter, undo=undo)
+    with pytest.raises(ClassMismatchError):
+        prompts.segment_slice_with_model(seg, vol, segmenter, 0, 2, session=session)
 
 
-def test_effect_box_prompt_and_propagation_with_litemedsam():
-    """Box prompt from the segment's box on one slice, then propagation, with real LiteMedSAM."""
+def test_effect_box_prompt_and_propagation_job_with_litemedsam(tmp_path):
+    """Box prompt from the segment's box on one slice (in process), then propagation as a background
+    job, with real LiteMedSAM."""
     import torch
     torch.set_num_threads(1)
     from MedSAGaLib.models import build_base_model
@@ -136,46 +134,59 @@ def test_effect_box_prompt_and_propagation_with_litemedsam():
     stroke = np.zeros_like(truth)
     stroke[1] = truth[1] == 2
     paint(seg, inner, vol, stroke)  # only slice 1 painted for this segment
-    base = build_base_model("litemedsam").eval()
-    predict = bridge.box_predictor(vol, base)
-    array01 = bridge.normalized_array(vol)
-    undo = bridge.UndoHistory(seg, vol)
-    saved = []
-    written = bridge.box_prompt(seg, vol, inner, predict, array01, 0, 1, margin=2, undo=undo,
-                                before_write=lambda: saved.append(1))
-    assert written == [1] and saved == [1]
-    mask = bridge.segment_array(seg, inner, vol)[1].astype(bool)
+    predict = prompts.box_predictor(build_base_model("litemedsam").eval())
+    session = segments.EditSession(seg, vol)
+    written = prompts.box_prompt(seg, vol, inner, predict, prompts.normalized_array(vol), 0, 1, margin=2,
+                                 session=session)
+    assert written == [1]
+    mask = segments.segment_array(seg, inner, vol)[1].astype(bool)
     target = truth[1] == 2
     dice = 2 * (mask & target).sum() / (mask.sum() + target.sum())
     assert dice > 0.6, dice
-    written = bridge.box_prompt(seg, vol, inner, predict, array01, 0, 1, propagate_slices=1,
-                                margin=2, undo=undo)
-    assert written == [0, 2]  # slice 1 already holds the segment: kept
-    result = bridge.segment_array(seg, inner, vol).astype(bool)
+    bound = prompts.start_propagation(seg, vol, inner, 0, 1, margin=2, max_slices=1, workdir=str(tmp_path / "job"),
+                                      threads=1)
+    assert bound.job.wait(600) == "done", bound.job.error_text(30)
+    assert bound.job.step_fraction()[0] == 3  # slices 1, 2 and 0 prompted
+    outcome = bound.finish(lambda segmentation, volume, masking: session)
+    assert outcome.written == {"slices": [0, 2]}  # slice 1 already holds the segment: kept
+    result = segments.segment_array(seg, inner, vol).astype(bool)
     assert result[0].any() and result[2].any() and not result[3].any()
-    undo.undo()
-    assert np.array_equal(bridge.segment_array(seg, inner, vol).astype(bool), np.stack(
+    assert np.array_equal(result[1], mask)
+    session.undo()
+    assert np.array_equal(segments.segment_array(seg, inner, vol).astype(bool), np.stack(
         [np.zeros_like(mask), mask, np.zeros_like(mask), np.zeros_like(mask)]))
-    with pytest.raises(bridge.BridgeError, match="empty on slice 3"):
-        bridge.box_prompt(seg, vol, inner, predict, array01, 0, 3)
+    with pytest.raises(BridgeError, match="empty on slice 3"):
+        prompts.start_propagation(seg, vol, inner, 0, 3, workdir=str(tmp_path))
 
 
-def test_cancel_keeps_the_last_good_model(tmp_path, tiny_vit_checkpoint):
+@pytest.mark.skipif(os.name == "nt", reason="POSIX launcher script")
+def test_cancel_behind_a_launcher_stops_training_and_keeps_the_best_model(tmp_path, tiny_vit_checkpoint):
+    """The real CLI fine-tune started through a launcher like PythonSlicer (which forwards no
+    signals): Cancel stops the training process itself, the launcher ends, the best model is kept."""
     import time
+    from test_slicer_bridge import LAUNCHER, alive
+    launcher = tmp_path / "launcher"
+    launcher.write_text(LAUNCHER % sys.executable)
+    launcher.chmod(0o755)
     scene, vol, seg, ids, truth, drawn = painted_scene()
     model_path = str(tmp_path / "cancelled.medsaga")
-    job, _ = bridge.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=500,
-                                   base="vit_b", checkpoint=str(tiny_vit_checkpoint), image_size=224,
-                                   method="galore", rank=4, device="cpu", threads=1)
+    bound = jobs.start_finetune(vol, seg, model_path, str(tmp_path / "ft"), steps=500, base="vit_b",
+                                checkpoint=str(tiny_vit_checkpoint), image_size=224, method="galore", rank=4,
+                                device="cpu", threads=1, python=str(launcher))
+    job = bound.job
     deadline = time.time() + 300
-    while time.time() < deadline and not bridge.step_records(job.records):
+    while time.time() < deadline and not jobs.step_events(job.events):
         job.poll()
         assert job.state == "running", job.error_text(30)
         time.sleep(0.2)
-    assert bridge.step_records(job.records), "no step within 300 s"
+    assert jobs.step_events(job.events), "no step within 300 s"
+    child = int(open(os.path.join(job.workdir, "child.pid")).read())
     job.cancel()
     assert job.wait(300) == "cancelled"
-    done = job.records[-1]
+    assert not alive(job.process.pid) and not alive(child)
+    done = job.events[-1]
     assert done.get("event") == "done" and done.get("stopped") and done["steps"] < 500
-    names, _, meta = bridge.model_summary(model_path)
+    outcome = bound.finish()
+    assert outcome.state == "cancelled" and outcome.model_path == model_path
+    names, _, meta = jobs.model_summary(model_path)
     assert names == CLASSES

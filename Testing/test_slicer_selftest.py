@@ -41,13 +41,16 @@ DRIVER = textwrap.dedent(r"""
     pnw.WithinRange = lambda a, b: (a, b)
     sys.modules["slicer.parameterNodeWrapper"] = pnw
     slicer.mrmlScene = slicer.vtkMRMLScene()
-    import MedSAGaBridge
-    segmentations = MedSAGaBridge.segmentations_logic(slicer.mrmlScene)
+    from MedSAGaBridgeLib import segments
+    segmentations = segments.segmentations_logic(slicer.mrmlScene)
     volumes = slicer.vtkSlicerVolumesLogic()
     volumes.SetMRMLScene(slicer.mrmlScene)
     slicer.modules = types.SimpleNamespace(segmentations=types.SimpleNamespace(logic=lambda: segmentations),
                                            volumes=types.SimpleNamespace(logic=lambda: volumes))
-    slicer.app = types.SimpleNamespace(temporaryPath=tempfile.mkdtemp())
+    slicer.app = types.SimpleNamespace(temporaryPath=tempfile.mkdtemp(), applicationVersion="5.10.0",
+                                       testingEnabled=lambda: True)
+    import os
+    slicer.util.startupEnvironment = lambda: dict(os.environ)  # the application's, without launcher settings
     import MedSAGa
     result = unittest.TextTestRunner(verbosity=2).run(unittest.TestSuite(
         [MedSAGa.MedSAGaTest(name) for name in NAMES]))

