@@ -135,12 +135,15 @@ def run(args) -> dict:
         result["volume_size"] = list(sitk.ReadImage(str(paths[0])).GetSize())
         log(f"{len(paths)} volumes of {result['volume_size']} voxels, {cores} cores")
         load_before = os.getloadavg()
+        path = Path(args.output) / f"{args.name}.json"
         result["in_process"] = in_process(paths, model, tmp / "in_process", cores)
+        write_json(path, result)  # each stage is kept, should a later one be stopped
         log(f"in-process: {result['in_process']['volumes_per_minute']} volumes/min")
         result["cluster"] = []
         for workers in args.workers:
             row = on_cluster(paths, model, tmp / f"cluster{workers}", workers, cores)
             result["cluster"].append(row)
+            write_json(path, result)
             log(f"{workers} worker(s): {row['volumes_per_minute']} volumes/min (start-up {row['cluster_start_s']} s)")
         result["load_average_before_after"] = [list(load_before), list(os.getloadavg())]
     one = next((r for r in result["cluster"] if r["workers"] == 1), None)
