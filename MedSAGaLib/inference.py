@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .fastpath import inference_copy
-from .head import ClassSegmenter, predict_boxes
+from .backends import make_runner
+from .head import ClassSegmenter
 from .models import BaseSam
 from .preprocess import SliceTransform
 from .slices import bounding_box, get_slice  # noqa: F401 (bounding_box re-exported)
@@ -67,7 +68,10 @@ def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
 def predict_slices(
     segmenter: ClassSegmenter, slices01: Sequence[np.ndarray], device: torch.device | str = "cpu"
 ) -> list[np.ndarray]:
-    """k+1-class probabilities are fused by argmax: 2-D slices -> label maps (0 = background)."""
+    """k+1-class probabilities are fused by argmax: 2-D slices -> label maps (0 = background).
+
+    ``segmenter`` is a k-class segmenter or a runner of one (:func:`MedSAGaLib.backends.make_runner`).
+    """
     transform = SliceTransform(segmenter.image_size)
     images = torch.stack([transform.to_model(s) for s in slices01]).to(device)
     logits = segmenter(images).float().cpu()
@@ -83,21 +87,24 @@ def segment_volume(
     device: torch.device | str = "cpu",
     progress: Progress = True,
     fast: bool = True,
+    backend: str = "auto",
+    cache_dir: Optional[str | Path] = None,
 ) -> np.ndarray:
     """Label every chosen slice of a [0, 1] volume; slices not chosen stay 0. Same shape as the input.
 
-    ``fast`` predicts with :func:`~MedSAGaLib.fastpath.inference_copy` (batch norms folded into
-    convolutions, channels-last convolutions): same labels, faster on CPUs; the model is untouched.
+    ``backend`` (``auto``, ``torch``, ``openvino``) runs the model; see :mod:`MedSAGaLib.backends`.
+    ``cache_dir`` is where an OpenVINO export is kept (the CLI passes the folder next to the model
+    file); None uses the user cache. ``fast`` predicts in PyTorch with
+    :func:`~MedSAGaLib.fastpath.inference_copy` (same labels, faster on CPUs); ``fast=False`` runs
+    the model exactly as it is in PyTorch. The model is never changed.
     """
     device = torch.device(device)
     batch_size = batch_size or default_batch_size(device)
-    segmenter = segmenter.to(device).eval()
-    if fast:
-        segmenter = inference_copy(segmenter)
-    labels = np.zeros(array01.shape, dtype=np.uint8)
     indices = list(range(array01.shape[axis])) if slices is None else list(slices)
+    runner = make_runner(segmenter, "classes", backend, device, fast, cache_dir, slices=len(indices))
+    labels = np.zeros(array01.shape, dtype=np.uint8)
     for batch in _progress_iter(_batches(indices, batch_size), len(indices), progress, "Segmenting"):
-        predictions = predict_slices(segmenter, [get_slice(array01, axis, i) for i in batch], device)
+        predictions = predict_slices(runner, [get_slice(array01, axis, i) for i in batch], device)
         for index, prediction in zip(batch, predictions):
             view = [slice(None)] * 3
             view[axis] = index
@@ -105,16 +112,48 @@ def segment_volume(
     return labels
 
 
+def fuse_box_logits(logits: torch.Tensor, values: Sequence[int]) -> np.ndarray:
+    """Per-box mask logits [N, H, W] -> one label map: each pixel takes the label of its highest
+    logit, background where no logit is above 0 (so a structure nested in another's box keeps its
+    label where its own mask is the more confident)."""
+    if logits.shape[0] == 0:
+        return np.zeros(tuple(logits.shape[1:]), dtype=np.uint8)
+    best, which = logits.max(dim=0)
+    lookup = torch.as_tensor([int(v) for v in values], dtype=torch.long)
+    return torch.where(best > 0, lookup[which], torch.zeros_like(which)).numpy().astype(np.uint8)
+
+
 @torch.inference_mode()
-def predict_box_slice(
-    base: BaseSam, slice01: np.ndarray, box_xyxy: Sequence[float], device: torch.device | str = "cpu"
+def predict_box_labels(
+    runner, slice01: np.ndarray, boxes_xyxy: Sequence[Sequence[float]], values: Sequence[int]
 ) -> np.ndarray:
-    """A bool mask for one box prompt (slice pixels) on one slice."""
-    transform = SliceTransform(base.image_size)
-    image = transform.to_model(slice01)[None].to(device)
-    box = torch.tensor([transform.box_to_model(box_xyxy, slice01.shape)])
-    logits = predict_boxes(base, image, box).float().cpu()
-    return transform.from_model(logits[0], slice01.shape)[0].numpy() > 0
+    """All box prompts of one slice from one image embedding: boxes (slice pixels) and their label
+    values -> a label map on the slice's grid, overlaps fused by :func:`fuse_box_logits`.
+
+    ``runner`` comes from ``make_runner(base, "boxes", ...)``.
+    """
+    if len(boxes_xyxy) != len(values):
+        raise ValueError(f"Give one label value per box ({len(boxes_xyxy)} boxes, {len(values)} values).")
+    if not len(boxes_xyxy):
+        return np.zeros(slice01.shape, dtype=np.uint8)
+    transform = SliceTransform(runner.image_size)
+    embedding = runner.encode(transform.to_model(slice01)[None])
+    boxes = torch.tensor([transform.box_to_model(box, slice01.shape) for box in boxes_xyxy], dtype=torch.float32)
+    logits = runner.decode_boxes(embedding, boxes).float().cpu()[:, 0]
+    return fuse_box_logits(transform.from_model(logits, slice01.shape), values)
+
+
+def predict_box_slice(
+    base: BaseSam, slice01: np.ndarray, box_xyxy: Sequence[float], device: torch.device | str = "cpu",
+    backend: str = "torch",
+) -> np.ndarray:
+    """A bool mask for one box prompt (slice pixels) on one slice.
+
+    Each call builds its runner: for many prompts, hold ``make_runner(base, "boxes")`` and call
+    :func:`predict_box_labels` (PyTorch by default here, as a single prompt never repays an export).
+    """
+    runner = make_runner(base, "boxes", backend, device)
+    return predict_box_labels(runner, slice01, [box_xyxy], [1]) > 0
 
 
 def segment_with_boxes(
@@ -128,30 +167,31 @@ def segment_with_boxes(
     device: torch.device | str = "cpu",
     progress: Progress = True,
     fast: bool = True,
+    backend: str = "auto",
+    cache_dir: Optional[str | Path] = None,
 ) -> np.ndarray:
     """Box prompts from an existing label volume, per slice and per label (the oracle-box baseline).
 
-    Each label's box on a slice prompts SAM; where prompts overlap, the later label wins.
+    Each slice is embedded once and all its labels' boxes are decoded from that embedding in one
+    batch; overlapping masks are fused by their logits (:func:`fuse_box_logits`).
     """
     device = torch.device(device)
-    base = base.to(device).eval()
-    if fast:
-        base = inference_copy(base)
     values = list(label_values) if label_values is not None else [int(v) for v in np.unique(box_labels) if v != 0]
     indices = list(range(array01.shape[axis])) if slices is None else list(slices)
     jobs = []
     for index in indices:
         label_slice = get_slice(box_labels, axis, index)
-        for value in values:
-            box = bounding_box(label_slice == value, margin)
-            if box is not None:
-                jobs.append((index, value, box))
+        prompts = [(value, bounding_box(label_slice == value, margin)) for value in values]
+        prompts = [(value, box) for value, box in prompts if box is not None]
+        if prompts:
+            jobs.append((index, prompts))
+    runner = make_runner(base, "boxes", backend, device, fast, cache_dir, slices=len(jobs))
     out = np.zeros(array01.shape, dtype=np.uint8)
     for batch in _progress_iter(_batches(jobs, 1), len(jobs), progress, "Box prompts"):
-        for index, value, box in batch:
-            mask = predict_box_slice(base, get_slice(array01, axis, index), box, device)
+        for index, prompts in batch:
+            labels = predict_box_labels(runner, get_slice(array01, axis, index),
+                                        [box for _, box in prompts], [value for value, _ in prompts])
             view = [slice(None)] * 3
             view[axis] = index
-            target = out[tuple(view)]
-            target[mask] = value
+            out[tuple(view)] = labels
     return out

@@ -137,7 +137,16 @@ def _load_state(path: str | Path) -> dict:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncation, foreign formats
-        raise ModelError(f"Cannot read checkpoint {path}: {exc}") from exc
+        # torch's own message advises weights_only=False, i.e. running the file's code: never pass that on.
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            raise ModelError(
+                f"Cannot read checkpoint {path}: it holds Python objects besides tensors, which could run code "
+                "when loaded; MedSAGa reads plain state dicts only. Use the official checkpoint, or one saved as "
+                "a state dict of tensors (torch.save(model.state_dict(), ...) or safetensors).") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"Cannot read checkpoint {path}: {reason}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -75,6 +75,10 @@ def plan_slices(
     elif shots is not None:
         if shots < 1:
             raise TrainingError("--shots must be at least 1.")
+        if shots > len(annotated):
+            raise TrainingError(
+                f"--shots {shots}: the labels have only {len(annotated)} annotated slice(s) along this axis "
+                f"({format_ranges(annotated)}); give --shots {len(annotated)} or fewer, or annotate more slices.")
         train = evenly_spread(annotated, shots)
     else:
         train = list(annotated)
@@ -141,6 +145,12 @@ def renumber_classes(labels: np.ndarray, names: Sequence[str], order: Sequence[s
 def labels_for_model(model_names: Sequence[str], label_names: Sequence[str], labels: np.ndarray) -> np.ndarray:
     """A label array renumbered to a model's class order: by name, else by order when the counts match."""
     if all(n in label_names for n in model_names):
+        extra = [n for n in label_names if n not in model_names]
+        if extra:
+            import warnings
+
+            warnings.warn(f"the reference labels hold class(es) {extra} that the model does not segment; "
+                          "they are left out of the scores.")
         return renumber_classes(labels, label_names, model_names)
     if len(model_names) == len(label_names):
         return labels

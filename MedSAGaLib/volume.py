@@ -25,6 +25,111 @@ CT_WINDOWS = {
 }
 
 
+# NIfTI datatype codes of floating-point voxels -> numpy dtype (complex types are refused by ITK anyway).
+_NIFTI_FLOATS = {16: "f4", 64: "f8", 1536: "f16"}
+_CHUNK = 1 << 22
+
+
+def _nifti_layout(head: bytes, path: Path) -> tuple[int, int, Optional[str]]:
+    """(voxel data offset, voxel data bytes, float dtype or None) from a NIfTI-1/2 header."""
+    import struct
+
+    if len(head) < 348:
+        raise VolumeError(f"Cannot read image {path}: it is {len(head)} bytes long, shorter than a NIfTI header.")
+    for order in "<>":
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size == 348 and len(head) >= 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(order + "hh", head[70:74])
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if size == 540 and len(head) >= 540:
+            datatype, bitpix = struct.unpack(order + "hh", head[12:16])
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = int(struct.unpack(order + "q", head[168:176])[0])
+            break
+    else:
+        raise VolumeError(f"Cannot read image {path}: its NIfTI header is cut short or damaged.")
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(d < 0 for d in dims[1 : ndim + 1]) or bitpix <= 0:
+        raise VolumeError(f"Cannot read image {path}: its NIfTI header has impossible dimensions {dims[1:ndim + 1]}.")
+    count = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]], dtype=np.float64))
+    dtype = _NIFTI_FLOATS.get(datatype)
+    return offset, count * bitpix // 8, (order + dtype) if dtype else None
+
+
+def check_nifti_file(path: str | Path) -> None:
+    """Refuse a truncated NIfTI file and one with NaN/Inf voxels.
+
+    ITK's NIfTI reader zero-fills what a truncated .nii.gz lacks and turns NaN and Inf into 0, so
+    both have to be seen in the file itself: the voxel data are streamed once and counted.
+    """
+    import gzip
+    import zlib
+
+    path = Path(path)
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    total, bad = 0, 0
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(540)
+            offset, expected, dtype = _nifti_layout(head, path)
+            total = len(head)
+            item = np.dtype(dtype).itemsize if dtype else 1
+            carry = head[offset:] if dtype and offset < len(head) else b""
+            while True:
+                block = handle.read(_CHUNK)
+                if not block:
+                    break
+                before, total = total, total + len(block)
+                if dtype:
+                    carry += block[max(0, offset - before):]  # header extensions before the voxels are skipped
+                    usable = len(carry) // item * item
+                    values = np.frombuffer(carry[:usable], dtype=dtype)
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    carry = carry[usable:]
+            if dtype and carry and len(carry) >= item:
+                values = np.frombuffer(carry[: len(carry) // item * item], dtype=dtype)
+                bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+    except gzip.BadGzipFile:
+        raise VolumeError(f"Cannot read image {path}: it is not a gzip-compressed file, as .gz says.") from None
+    except (EOFError, zlib.error) as exc:
+        raise VolumeError(f"{path} is truncated or damaged (its compressed data end early: {exc}); copy the file again.") from None
+    except OSError as exc:
+        raise VolumeError(f"Cannot read image {path}: {exc.strerror or exc}") from None
+    if total < offset + expected:
+        raise VolumeError(
+            f"{path} is truncated: it holds {max(total - offset, 0)} of the {expected} bytes of voxel data its "
+            "header announces; copy the file again.")
+    if bad:
+        raise VolumeError(f"{path} contains {bad} NaN or infinite voxels; fix or mask them first.")
+
+
+def read_image_file(path: str | Path, what: str = "image") -> sitk.Image:
+    """One image file through SimpleITK, with the checks its readers skip (truncation, NaN/Inf in NIfTI)."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"No such {what} file: {path}")
+    if path.is_file() and str(path).lower().endswith((".nii", ".nii.gz")):
+        check_nifti_file(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        raise VolumeError(f"Cannot read {what} {path}: {lines[-1] if lines else exc}") from None
+
+
+def check_finite(image: sitk.Image, name: str) -> None:
+    """No NaN or infinite voxel (float images only)."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise VolumeError(f"{name} contains {int(finite.size - np.count_nonzero(finite))} NaN or infinite voxels; "
+                          "fix or mask them first.")
+
+
 def read_volume(path: str | Path) -> sitk.Image:
     """Read a 3-D scalar image: a NIfTI/NRRD/MetaImage file or a folder holding one DICOM series."""
     path = Path(path)
@@ -41,13 +146,15 @@ def read_volume(path: str | Path) -> sitk.Image:
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
-            image = sitk.ReadImage(str(path))
+            image = read_image_file(path, "image")
     except VolumeError:
         raise
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise VolumeError(f"Cannot read image {path}: {first[-1] if first else exc}") from None
-    return check_volume(image, str(path))
+    image = check_volume(image, str(path))
+    check_finite(image, str(path))
+    return image
 
 
 def check_volume(image: sitk.Image, name: str = "image") -> sitk.Image:
@@ -89,9 +196,17 @@ def check_intensities(array: np.ndarray, name: str = "image") -> None:
 
 
 def parse_window(text: Optional[str]) -> Optional[tuple[float, float]]:
-    """``"C,W"`` or a CT preset name -> (centre, width); None or 'auto' -> None (percentiles)."""
-    if text is None or str(text).lower() in ("", "auto", "percentile", "none"):
+    """``"C,W"`` or a CT preset name -> (centre, width); None, 'auto' or 'percentile' -> None (percentiles).
+
+    'none' and an empty text are refused: they read as "no windowing", which is not what either
+    default does.
+    """
+    if text is None or str(text).strip().lower() in ("auto", "percentile", "percentiles"):
         return None
+    if str(text).strip().lower() in ("", "none", "off", "no"):
+        raise VolumeError(
+            f"--window {text!r}: say 'auto' (the model's setting, else volume percentiles), 'percentile', "
+            "a preset or CENTRE,WIDTH.")
     if str(text).lower() in CT_WINDOWS:
         return CT_WINDOWS[str(text).lower()]
     try:
@@ -100,9 +215,36 @@ def parse_window(text: Optional[str]) -> Optional[tuple[float, float]]:
         raise VolumeError(
             f"Window {text!r} is not 'CENTRE,WIDTH' nor a preset ({', '.join(CT_WINDOWS)})."
         ) from None
+    if not (np.isfinite(centre) and np.isfinite(width)):
+        raise VolumeError(f"--window {text!r}: centre and width must be finite numbers.")
     if width <= 0:
-        raise VolumeError(f"Window width must be positive, got {width}.")
+        raise VolumeError(f"--window {text!r}: the width must be positive, got {width:g}.")
     return centre, width
+
+
+def window_settings(text: Optional[str], model_settings: Optional[dict] = None) -> dict:
+    """The preprocessing a ``--window`` value asks for: 'auto'/None -> the model's, else percentiles;
+    'percentile' -> volume percentiles even for a model trained with a window."""
+    if text is not None and str(text).strip().lower() in ("percentile", "percentiles"):
+        return preprocessing_settings(None)
+    window = parse_window(text)
+    if window is not None:
+        return preprocessing_settings(window)
+    return model_settings or preprocessing_settings(None)
+
+
+def check_window_hits(array: np.ndarray, settings: dict, option: str = "--window") -> None:
+    """Refuse a window that maps every voxel to one value (all black or all white)."""
+    if settings.get("intensity") != "window":
+        return
+    centre, width = settings["window"]
+    low, high = centre - width / 2.0, centre + width / 2.0
+    lo, hi = float(np.min(array)), float(np.max(array))
+    if hi <= low or lo >= high:
+        side = "black" if hi <= low else "white"
+        raise VolumeError(
+            f"{option} {centre:g},{width:g} covers {low:g} to {high:g}, but the image's intensities are "
+            f"{lo:g} to {hi:g}: every voxel would be {side}. Choose a window inside the image's range.")
 
 
 def normalize_intensity(
@@ -113,6 +255,7 @@ def normalize_intensity(
     """Intensities -> [0, 1]: a CT window (centre, width), or volume-wide percentiles for MR."""
     check_intensities(array)
     if window is not None:
+        check_window_hits(array, preprocessing_settings(window))
         low, high = window[0] - window[1] / 2.0, window[0] + window[1] / 2.0
     else:
         low, high = np.percentile(array, percentiles)
@@ -144,6 +287,32 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool
     )
 
 
+def _fmt(values, digits: int = 4) -> str:
+    return "(" + ", ".join(f"{x:.{digits}g}" for x in values) + ")"
+
+
 def describe_geometry(image: sitk.Image) -> str:
-    fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
-    return f"size {image.GetSize()}, spacing {fmt(image.GetSpacing())}, origin {fmt(image.GetOrigin())}"
+    return (f"size {image.GetSize()}, spacing {_fmt(image.GetSpacing())}, origin {_fmt(image.GetOrigin())}, "
+            f"direction {_fmt(image.GetDirection())}")
+
+
+def geometry_difference(a: sitk.Image, b: sitk.Image, names=("labels", "image"), tolerance: float = 1e-4) -> str:
+    """What differs between two grids, each with its numbers (printed precisely enough to differ)."""
+    parts = []
+    fields = (("size", a.GetSize(), b.GetSize()), ("spacing", a.GetSpacing(), b.GetSpacing()),
+              ("origin", a.GetOrigin(), b.GetOrigin()), ("direction", a.GetDirection(), b.GetDirection()))
+    for field, va, vb in fields:
+        if field == "size":
+            if tuple(va) != tuple(vb):
+                parts.append(f"size {tuple(va)} vs {tuple(vb)}")
+            continue
+        diff = np.abs(np.asarray(va, float) - np.asarray(vb, float))
+        if np.any(diff > tolerance):
+            # enough digits that the two printed values differ
+            digits = 4
+            while digits < 17 and _fmt(va, digits) == _fmt(vb, digits):
+                digits += 2
+            parts.append(f"{field} {_fmt(va, digits)} vs {_fmt(vb, digits)}")
+    if not parts:
+        return "no difference"
+    return f"{names[0]} vs {names[1]}: " + "; ".join(parts)

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from .events import event, jsonable
 from .slices import annotated_slices, get_slice, labels_for_model, parse_slices, plan_slices, select_classes
 from .training.config import FinetuneConfig, TrainingError
-from .volume import array_from_image, normalize_with, parse_window, preprocessing_settings, read_volume, slice_axis
+from .volume import array_from_image, normalize_with, read_volume, slice_axis, window_settings
 
 ProgressCallback = Optional[Callable[[dict], None]]
 ImageInput = Union[str, Path, sitk.Image]
@@ -65,7 +65,7 @@ def load_task(image: ImageInput, labels: Union[str, Path, sitk.Image], axis: Opt
               classes: Optional[Sequence[str]] = None) -> Task:
     """Read an image and its label volume or .seg.nrrd (paths or SimpleITK images), apply a class choice
     (``classes``: see :func:`~MedSAGaLib.slices.select_classes`) and resolve the slice axis."""
-    from .segio import compact_labels, read_labels
+    from .segio import compact_labels, read_class_labels
 
     sitk_image, image_source = _image(image)
     if isinstance(labels, sitk.Image):
@@ -73,7 +73,7 @@ def load_task(image: ImageInput, labels: Union[str, Path, sitk.Image], axis: Opt
         label_array, names, colors = values, [f"label_{v}" for v in kept], [None] * len(kept)
         labels_source = "in memory"
     else:
-        label_array, names, colors = read_labels(labels, sitk_image)
+        label_array, names, colors = read_class_labels(labels, sitk_image)
         labels_source = str(labels)
     label_array, names, colors = select_classes(label_array, names, colors, list(classes) if classes else None)
     axis_name = axis or "axial"
@@ -83,10 +83,8 @@ def load_task(image: ImageInput, labels: Union[str, Path, sitk.Image], axis: Opt
 
 def preprocessing_for(window: Optional[str], model_metadata: Optional[dict] = None) -> dict:
     """Intensity preprocessing: the ``window`` asked for, else the model's own setting, else percentiles."""
-    parsed = parse_window(window)
-    if parsed is not None:
-        return preprocessing_settings(parsed)
-    return (model_metadata or {}).get("preprocessing") or preprocessing_settings(None)
+    # 'percentile' means volume percentiles even for a model trained with a window (volume.window_settings)
+    return window_settings(window, (model_metadata or {}).get("preprocessing"))
 
 
 # --- fine-tuning -------------------------------------------------------------------------------
@@ -305,6 +303,7 @@ def evaluate_volume(
     batch_size: Optional[int] = None,
     device: str = "auto",
     progress: ProgressCallback = None,
+    backend: str = "auto",
 ) -> Evaluation:
     """Segment the annotated slices (or ``slices``) with ``model`` (a file or a segmenter) and score
     them against the reference labels, class by class (matched by name, else by order)."""
@@ -325,13 +324,24 @@ def evaluate_volume(
         raise ValueError("The labels have no annotated slice to evaluate on; give --slices.")
     array01 = normalize_with(task.array, preprocessing_for(window, meta))
     pred = segment_volume(segmenter, array01, task.axis, slices, batch_size, resolve_device(device),
-                          progress=_segment_progress(progress))
+                          progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model))
     stack = lambda volume: np.moveaxis(volume, task.axis, 0)[slices]  # noqa: E731
     metrics = evaluate_labels(stack(pred), stack(ref), segmenter.num_classes, task.spacing2d())
     rows = [dict(name=n, **metrics[c]) for c, n in enumerate(segmenter.class_names, start=1)]
     trained = set((meta.get("training") or {}).get("train_slices") or [])
     return Evaluation(str(model) if not hasattr(model, "class_names") else "in memory", slices, rows,
                       sorted(trained & set(slices)), pred)
+
+
+def _export_cache(model) -> Optional[Path]:
+    """Where the OpenVINO export of a model file lives (next to it); None for segmenters in memory and
+    base models (the user cache)."""
+    from .backends.cache import model_cache_dir
+    from .modelfile import is_model_file
+
+    if hasattr(model, "class_names") or not is_model_file(model):
+        return None
+    return model_cache_dir(model)
 
 
 # --- segmentation ------------------------------------------------------------------------------
@@ -367,6 +377,7 @@ def segment_file(
     batch_size: Optional[int] = None,
     device: str = "auto",
     progress: ProgressCallback = None,
+    backend: str = "auto",
 ) -> Segmentation:
     """Segment a volume slice by slice and write a .seg.nrrd (and ``labelmap``, a plain label volume).
 
@@ -375,7 +386,7 @@ def segment_file(
     """
     from .inference import resolve_device, segment_volume, segment_with_boxes
     from .modelfile import is_model_file, load_model
-    from .segio import read_labels, write_labelmap, write_seg_nrrd
+    from .segio import read_class_labels, write_labelmap, write_seg_nrrd
 
     if not str(output).lower().endswith(".seg.nrrd"):
         raise ValueError(f"Output {output} must end in .seg.nrrd (use --labelmap for a plain label volume).")
@@ -389,7 +400,7 @@ def segment_file(
     if boxes_from:
         if hasattr(model, "class_names") or is_model_file(model):
             raise ValueError("--boxes-from prompts a base model; give --model litemedsam or vit_b/vit_l/vit_h with --checkpoint.")
-        box_labels, names, colors = read_labels(boxes_from, sitk_image)
+        box_labels, names, colors = read_class_labels(boxes_from, sitk_image)
     elif hasattr(model, "class_names"):  # a segmenter in memory (the demo, the Slicer panel)
         segmenter = model
     else:
@@ -411,10 +422,10 @@ def segment_file(
 
         base = build_base_model(model, checkpoint=checkpoint, image_size=image_size)
         labels = segment_with_boxes(base, array01, box_labels, axis_index, chosen, margin=box_margin,
-                                    device=torch_device, progress=_segment_progress(progress))
+                                    device=torch_device, progress=_segment_progress(progress), backend=backend)
     else:
         labels = segment_volume(segmenter, array01, axis_index, chosen, batch_size, torch_device,
-                                progress=_segment_progress(progress))
+                                progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model))
         names, colors = segmenter.class_names, segmenter.class_colors
     written = write_seg_nrrd(output, labels, sitk_image, names, colors)
     plain = write_labelmap(labelmap, labels, sitk_image) if labelmap else None

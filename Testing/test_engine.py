@@ -18,7 +18,7 @@ from MedSAGaLib.inference import segment_volume, segment_with_boxes
 from MedSAGaLib.modelfile import ModelFileError, load_model, read_metadata, save_model
 from MedSAGaLib.models import ModelError, build_base_model
 from MedSAGaLib.preprocess import SliceTransform
-from MedSAGaLib.segio import ijk_to_lps, read_labels, write_seg_nrrd
+from MedSAGaLib.segio import ijk_to_lps, read_class_labels, write_seg_nrrd
 from MedSAGaLib.slices import bounding_box, parse_slices, plane_axes
 from MedSAGaLib.volume import VolumeError, normalize_intensity, read_volume, slice_axis
 
@@ -34,7 +34,7 @@ def test_litemedsam_oracle_boxes_on_mni152_brain(mni152):
     """Real LiteMedSAM weights, zero-shot, prompted with the brain's box on MNI152 axial slices."""
     image_path, label_path = mni152
     image = read_volume(image_path)
-    labels, _, _ = read_labels(label_path, image)
+    labels, _, _ = read_class_labels(label_path, image)
     brain = (labels > 0).astype(np.uint8)
     array01 = normalize_intensity(sitk.GetArrayFromImage(image).astype(np.float32))
     base = build_base_model("litemedsam")
@@ -255,7 +255,7 @@ def test_cli_segment_keeps_oblique_anisotropic_geometry(tmp_path, tiny_model_fil
     assert labelmap.GetSize() == image.GetSize()
     assert np.allclose(labelmap.GetDirection(), image.GetDirection(), atol=1e-5)
     # The label map and the segmentation hold the same voxels.
-    labels, names, _ = read_labels(out, image)
+    labels, names, _ = read_class_labels(out, image)
     assert np.array_equal(labels, sitk.GetArrayFromImage(labelmap))
 
 
@@ -329,7 +329,7 @@ def test_seg_nrrd_round_trip_and_cropped_extent(tmp_path):
     labels[2:4, 5:9, 3:12] = 1
     labels[1, 2:4, 2:4] = 2
     path = write_seg_nrrd(tmp_path / "s.seg.nrrd", labels, image, ["one", "two"], [(1, 0, 0), (0, 1, 0)])
-    read, names, colors = read_labels(path, image)
+    read, names, colors = read_class_labels(path, image)
     assert names == ["one", "two"] and np.array_equal(read, labels)
     assert np.allclose(colors[0], (1, 0, 0))
     # Slicer may save a segmentation cropped to its segments' extent: it must land on the same voxels.
@@ -339,5 +339,5 @@ def test_seg_nrrd_round_trip_and_cropped_extent(tmp_path):
     cropped = slicerio.create_segmentation((9, 4, 2), matrix)
     slicerio.add_segment(cropped, labels[2:4, 5:9, 3:12].transpose(2, 1, 0) == 1, {"id": "one", "name": "one"})
     slicerio.write_segmentation(str(tmp_path / "crop.seg.nrrd"), cropped)
-    read, names, _ = read_labels(tmp_path / "crop.seg.nrrd", image)
+    read, names, _ = read_class_labels(tmp_path / "crop.seg.nrrd", image)
     assert names == ["one"] and np.array_equal(read, (labels == 1).astype(np.uint8))

@@ -9,6 +9,11 @@ Training: seconds per step of each method with the real trainer, and the FLOPs o
 (``torch.utils.flop_counter``, difference of two runs with different step counts, so the frozen
 prefix computed once per run cancels out).
 
+``--backends torch-plain torch-fast openvino``: every inference backend side by side on a real
+MNI152 slice, runs interleaved, min and median of encoder, decoder and encoder+decoder per slice,
+and the box path (one embedding, 1 and 6 boxes decoded), at each of ``--backend-threads``; the
+CPU's vector flags and the load average are recorded with them.
+
 Both are set against the machine's measured matmul throughput (fp32 ``torch.mm`` at the same thread
 count): achieved FLOP/s / matmul FLOP/s.
 """
@@ -16,6 +21,7 @@ count): achieved FLOP/s / matmul FLOP/s.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,7 +131,147 @@ def bench_training(model: str, image_size, methods, steps: int, batch_size: int,
     return rows
 
 
+def cpu_flags() -> list[str]:
+    """The vector/matrix extensions this CPU reports in /proc/cpuinfo (avx2, avx512*, amx*, ...)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    words = line.split(":", 1)[1].split()
+                    return sorted(w for w in set(words) if w in ("avx2", "fma", "f16c") or w.startswith(("avx512", "amx", "avx_vnni")))
+    except OSError:
+        pass
+    return []
+
+
+def _real_slice():
+    """An axial MNI152 T1 slice in [0, 1] (real anatomy), and its GM/WM labels."""
+    import SimpleITK as sitk
+
+    from ..samples.mni152 import mni152_tissue_labels
+    from ..volume import normalize_intensity
+
+    t1, labels = mni152_tissue_labels()
+    array01 = normalize_intensity(sitk.GetArrayFromImage(t1).astype(np.float32))
+    return array01[90], sitk.GetArrayFromImage(labels)[90]
+
+
+def _boxes_for(labels: np.ndarray, count: int) -> list[list[float]]:
+    """``count`` boxes on a real slice: GM and WM, then the left/right and front/back halves of the brain."""
+    from ..slices import bounding_box
+
+    height, width = labels.shape
+    masks = [labels == 1, labels == 2, (labels > 0) & (np.arange(width) < width // 2),
+             (labels > 0) & (np.arange(width) >= width // 2), (labels > 0) & (np.arange(height)[:, None] < height // 2),
+             (labels > 0) & (np.arange(height)[:, None] >= height // 2)]
+    return [bounding_box(m) for m in masks[:count]]
+
+
+def bench_backends(model: str, backends, threads_list, repeats: int, box_counts) -> list[dict]:
+    """Every backend on the same real slice, runs interleaved (each repeat runs every backend once, so a
+    load change hits all alike): encoder, decoder and encoder+decoder per slice; the box path per slice."""
+    import torch
+
+    from ..backends import make_runner
+    from ..preprocess import SliceTransform
+
+    from ..head import ClassSegmenter
+    from ..models import build_base_model
+
+    slice01, labels = _real_slice()
+    base_model = build_base_model(model, pretrained=(model == "litemedsam"))
+    seg = ClassSegmenter.from_base(base_model, ["grey_matter", "white_matter"]).eval()
+    transform = SliceTransform(seg.image_size)
+    image = transform.to_model(slice01)[None]
+    rows = []
+    for threads in threads_list:
+        set_threads(threads)
+        runners, box_runners = {}, {}
+        for name in backends:
+            backend, fast = {"torch-plain": ("torch", False), "torch-fast": ("torch", True), "openvino": ("openvino", True)}[name]
+            t0 = time.perf_counter()
+            runners[name] = make_runner(seg, "classes", backend, "cpu", fast)
+            box_runners[name] = make_runner(base_model, "boxes", backend, "cpu", fast)
+            log(f"{name} at {threads} thread(s) ready in {time.perf_counter() - t0:.1f} s")
+        reference = runners[backends[0]](image)
+        boxes = {n: torch.tensor([transform.box_to_model(b, labels.shape) for b in _boxes_for(labels, n)]) for n in box_counts}
+        times = {name: {"encoder": [], "decoder": [], "total": [], "cpu_total": [], **{f"boxes_{n}": [] for n in box_counts}}
+                 for name in backends}
+        load_before = os.getloadavg()
+        for _ in range(repeats):
+            for name in backends:
+                runner, record = runners[name], times[name]
+                w0, c0 = time.perf_counter(), time.process_time()
+                embeddings = runner.encode(image)
+                w1 = time.perf_counter()
+                runner.decode(embeddings)
+                w2, c2 = time.perf_counter(), time.process_time()
+                record["encoder"].append(w1 - w0)
+                record["decoder"].append(w2 - w1)
+                record["total"].append(w2 - w0)
+                record["cpu_total"].append(c2 - c0)
+                for n, box in boxes.items():
+                    w0 = time.perf_counter()
+                    box_runners[name].decode_boxes(box_runners[name].encode(image), box)
+                    record[f"boxes_{n}"].append(time.perf_counter() - w0)
+        load_after = os.getloadavg()
+        for name in backends:
+            out = runners[name](image)
+            record = times[name]
+            row = dict(model=model, image_size=seg.image_size, backend=name, threads=threads, repeats=repeats,
+                       description=runners[name].description,
+                       max_abs_logit_diff=float((out - reference).abs().max()),
+                       argmax_agreement=float((out.argmax(1) == reference.argmax(1)).float().mean()),
+                       load_average_before=load_before, load_average_after=load_after, runs=record)
+            for key, values in record.items():
+                row[f"{key}_min"] = float(np.min(values))
+                row[f"{key}_median"] = float(np.median(values))
+            rows.append(row)
+            log(f"{name} {threads} thr: enc+dec min {row['total_min']:.3f} s, median {row['total_median']:.3f} s; "
+                + ", ".join(f"{n} box(es) {row[f'boxes_{n}_min']:.3f} s" for n in box_counts))
+    return rows
+
+
+def backends_markdown(payload: dict) -> str:
+    machine = payload["machine"]
+    flags = payload["cpu_flags"]
+    missing = [name for name, prefix in (("AVX-512", "avx512"), ("AMX", "amx")) if not any(f.startswith(prefix) for f in flags)]
+    lines = [f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), CPU flags: {', '.join(flags) or 'none'}"
+             f"{' (no ' + ', no '.join(missing) + ')' if missing else ''}; "
+             f"torch {machine['torch']}, OpenVINO {payload.get('openvino') or 'not installed'}. Every backend ran on the same "
+             f"real MNI152 slice, interleaved ({payload['settings']['repeats']} rounds, each running every backend once); "
+             "the CPU was shared with other jobs: the load average (1 min) before/after each thread setting is given.\n",
+             f"Command: `{payload['command']}`\n",
+             "| model | backend | threads | enc+dec s/slice min | median | CPU-s min | encoder min | decoder min | "
+             + " | ".join(f"{n} box(es) s/slice min" for n in payload["settings"]["box_counts"])
+             + " | max logit diff | argmax agree | load avg |",
+             "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(payload["settings"]["box_counts"]) + "---:|---:|---|"]
+    for r in payload["backends"]:
+        boxes = " | ".join(f"{r[f'boxes_{n}_min']:.3f}" for n in payload["settings"]["box_counts"])
+        lines.append(f"| {r['model']} {r['image_size']} | {r['backend']} | {r['threads']} | {r['total_min']:.3f} | "
+                     f"{r['total_median']:.3f} | {r['cpu_total_min']:.3f} | {r['encoder_min']:.3f} | {r['decoder_min']:.3f} | {boxes} | "
+                     f"{r['max_abs_logit_diff']:.1e} | {100 * r['argmax_agreement']:.3f}% | "
+                     f"{r['load_average_before'][0]:.1f} / {r['load_average_after'][0]:.1f} |")
+    lines.append("")
+    for threads in sorted({r["threads"] for r in payload["backends"]}):
+        by = {r["backend"]: r for r in payload["backends"] if r["threads"] == threads}
+        if "openvino" in by and "torch-fast" in by:
+            ov, fast = by["openvino"], by["torch-fast"]
+            ratio = fast["total_min"] / ov["total_min"]
+            lines.append(f"- {threads} thread(s): OpenVINO f32 is {ratio:.2f}x the fast path's speed (min; "
+                         f"{fast['total_median'] / ov['total_median']:.2f}x by median): target >= 1.5x "
+                         f"{'met' if ratio >= 1.5 else 'missed'}.")
+            if threads == 2:
+                lines.append(f"- 2 threads: OpenVINO encoder+decoder {ov['total_min']:.3f} s/slice (min), "
+                             f"{ov['total_median']:.3f} s (median): target <= 0.45 s "
+                             f"{'met' if ov['total_min'] <= 0.45 else 'missed'} in this run (load average "
+                             f"{ov['load_average_before'][0]:.1f}; {ov['cpu_total_min']:.3f} CPU-s per slice).")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(payload: dict) -> str:
+    if payload.get("backends"):
+        return backends_markdown(payload)
     lines = [f"Machine: {payload['machine']['cpu']}, {payload['machine']['torch_threads']} threads; fp32 matmul peak "
              f"measured {payload['matmul_flops'] / 1e9:.0f} GFLOP/s.\n",
              "| model | path | batch | s/slice (wall) | CPU-s/slice | GFLOP/slice | % of matmul peak | max logit diff | argmax agree |",
@@ -143,7 +289,27 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_backends(args) -> dict:
+    """``--backends``: every inference backend side by side (this mode measures nothing else)."""
+    from ..backends.openvino_backend import openvino_version
+
+    payload = {"benchmark": "speed", "machine": machine_info("cpu"), "cpu_flags": cpu_flags(), "openvino": openvino_version(),
+               "command": "medsaga bench speed " + " ".join(sys.argv[sys.argv.index("speed") + 1:] if "speed" in sys.argv else []),
+               "settings": {"models": args.models, "backends": args.backends, "threads": args.backend_threads,
+                            "repeats": args.repeats, "box_counts": args.box_counts},
+               "inference": [], "training": [], "backends": []}
+    out = Path(args.output)
+    for spec in args.models:
+        payload["backends"] += bench_backends(spec.partition(":")[0], args.backends, args.backend_threads, args.repeats,
+                                              args.box_counts)
+        write_json(out / f"{args.name}.json", payload)
+    (out / f"{args.name}.md").write_text(markdown(payload), encoding="utf-8")
+    return payload
+
+
 def run(args) -> dict:
+    if getattr(args, "backends", None):
+        return run_backends(args)
     set_threads(args.threads)
     peak = matmul_throughput()
     log(f"fp32 matmul: {peak / 1e9:.0f} GFLOP/s at {args.threads} threads")
@@ -175,6 +341,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-stages", type=int, default=None, help="default: the trainer's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backends", nargs="*", default=None, choices=["torch-plain", "torch-fast", "openvino"],
+                        help="compare these inference backends side by side (interleaved) instead of the default runs")
+    parser.add_argument("--backend-threads", type=int, nargs="+", default=[2, 1], help="thread counts for --backends")
+    parser.add_argument("--box-counts", type=int, nargs="+", default=[1, 6], help="boxes per slice timed by --backends")
     parser.add_argument("--output", default="docs/results")
     parser.add_argument("--name", default="speed")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -508,22 +508,11 @@ class Trainer:
         result.total_seconds = self.elapsed()
 
 
-def finetune(
-    segmenter: nn.Module,
-    images01: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
-    config: Optional[FinetuneConfig] = None,
-    val_images: Optional[Sequence[np.ndarray]] = None,
-    val_labels: Optional[Sequence[np.ndarray]] = None,
-    callback: Optional[Callable[[dict], None]] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-    feature_cache: Optional[dict] = None,
-    hooks: Sequence[TrainingHook] = (),
-) -> FinetuneResult:
-    """Fine-tune ``segmenter`` (a ClassSegmenter) on 2-D slices in [0, 1] with labels 0..k: a
-    :class:`Trainer` run (see there for the arguments)."""
-    return Trainer(segmenter, images01, labels, config, val_images, val_labels, callback, should_stop,
-                   feature_cache, hooks).run()
+def finetune(*args: Any, **kwargs: Any) -> FinetuneResult:
+    """Fine-tune a ClassSegmenter on 2-D slices in [0, 1] with labels 0..k: ``Trainer(...).run()``
+    (``segmenter, images01, labels, config, val_images, val_labels, callback, should_stop,
+    feature_cache, hooks``; see :class:`Trainer`)."""
+    return Trainer(*args, **kwargs).run()
 
 
 __all__ = ["FinetuneResult", "Trainer", "TrainingHook", "finetune", "parameter_groups", "plain_state_dict",

@@ -21,6 +21,7 @@ import vtk
 from vtk.util import numpy_support
 
 import slicer
+from MedSAGaLib import safety
 from MedSAGaLib.events import describe, kind_of, parse_json_line
 from MedSAGaLib.slices import slice_view
 
@@ -416,6 +417,7 @@ def prepare_finetune(volume_node, segmentation_node, workdir, axis="auto", slice
     """Write the volume and the selected annotated slices' class labels (geometry kept)."""
     from .geometry import axis_name
     ann = class_labels(segmentation_node, volume_node, segment_ids, axis)
+    checked(safety.check_class_names, list(ann.class_names), "Segment names")  # they become header text
     chosen = ann.slices if slices is None else [s for s in slices if s in ann.slices]
     if not chosen:
         raise BridgeError("No annotated slice selected: paint the classes on a few slices "
@@ -432,11 +434,29 @@ def start_finetune(volume_node, segmentation_node, model_path, workdir=None, axi
                    segment_ids=None, threads=None, env=None, python=None, **options):
     """Write the inputs and start ``medsaga finetune`` in the background. Returns a BoundJob
     (``.context['inputs']``: the FinetuneInputs)."""
+    check_model_output(model_path)
     workdir = ensure_workdir(workdir)
     inputs = prepare_finetune(volume_node, segmentation_node, workdir, axis, slices, segment_ids)
     job = Job("MedSAGaLib.cli", finetune_args(inputs, model_path, threads=threads, **options), workdir, env=env,
               threads=threads, python=python)
     return BoundJob(job, "finetune", volume_node, segmentation_node, model_path=model_path, inputs=inputs)
+
+
+def checked(check, *args):
+    """Run a MedSAGaLib.safety check; its InputError becomes the panel's BridgeError (same text)."""
+    try:
+        return check(*args)
+    except safety.InputError as exc:
+        raise BridgeError(str(exc)) from None
+
+
+def check_model_output(model_path, inputs=()):
+    """The model file the panel will write: not a folder, not an image, not one of ``inputs``, in a
+    folder that can be written (checked before any work, as the CLI does)."""
+    checked(safety.check_outputs,
+            [safety.Output("Model file", model_path,
+                           refuse_suffixes=safety.IMAGE_SUFFIXES + safety.SEG_SUFFIXES + (".pth", ".safetensors"))],
+            list(inputs))
 
 
 def finetune_args(inputs, model_path, **options):
@@ -454,6 +474,7 @@ def start_segment(volume_node, segmentation_node, model_path, class_names, annot
     around ``annotations.slices`` when ``finish`` is called. Fails now (not after minutes) when
     the model's classes have no segments."""
     from MedSAGaLib.commands import segment_argv
+    checked(safety.check_class_names, list(class_names), f"Model {model_path}: class names")
     segments_for_classes(segmentation_node, class_names)
     workdir = ensure_workdir(workdir)
     image = write_volume(volume_node, os.path.join(workdir, "image.nrrd"))
@@ -471,8 +492,10 @@ def start_segment(volume_node, segmentation_node, model_path, class_names, annot
 def model_summary(model_path):
     """(class names, validation Dice dict or {}, metadata) of an adapted model file."""
     from MedSAGaLib.modelfile import read_metadata
-    meta = read_metadata(model_path)
-    return list(meta.get("class_names") or []), dict(meta.get("validation_dice") or {}), meta
+    meta = read_metadata(model_path)  # bounded, validated metadata; ModelFileError names the file
+    dice = meta.get("validation_dice")
+    dice = {k: v for k, v in dice.items() if isinstance(v, (int, float))} if isinstance(dice, dict) else {}
+    return list(meta.get("class_names") or []), dice, meta
 
 
 def describe_model(model_path):

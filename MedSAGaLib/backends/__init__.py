@@ -1,0 +1,97 @@
+"""Inference backends: PyTorch (any device) and OpenVINO (CPUs), behind one small runner interface.
+
+A runner has ``image_size``, ``encode(images01) -> embeddings``, ``decode(embeddings) -> k+1
+logits`` (k-class segmenters), ``decode_boxes(embedding, boxes) -> logits`` (base models) and
+``__call__(images01) -> logits``; inputs are torch tensors, outputs CPU tensors.
+
+``auto`` (the default) takes OpenVINO on a CPU when the ``openvino`` package is installed and the
+export pays for itself: the model's export is already cached, or the job has at least
+:data:`AUTO_MIN_SLICES` slices (the one-off export of LiteMedSAM costs about as much as that many
+slices save). Anything else, and any failure of the export under ``auto``, runs PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "torch", "openvino")
+AUTO_MIN_SLICES = 24
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def choose_backend(
+    name: str = "auto",
+    device: torch.device | str = "cpu",
+    model=None,
+    kind: str = "classes",
+    slices: Optional[int] = None,
+    cache_dir: Optional[str | Path] = None,
+    precision: str = "f32",
+) -> str:
+    """Resolve ``auto`` to ``torch`` or ``openvino``; check that a named backend can run here."""
+    name = (name or "auto").lower()
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown backend {name!r}; use one of {', '.join(BACKENDS)}.")
+    on_cpu = torch.device(device).type == "cpu"
+    if name == "openvino":
+        if not on_cpu:
+            raise ValueError(f"The OpenVINO backend runs on the CPU; it cannot run on device {device}. Use --device cpu.")
+        if not openvino_available():
+            raise ValueError("The OpenVINO backend was asked for but the 'openvino' package is not installed "
+                             "(pip install openvino), or use --backend torch.")
+        return name
+    if name == "torch" or not on_cpu or not openvino_available():
+        return "torch"
+    if slices is not None and slices >= AUTO_MIN_SLICES:
+        return "openvino"
+    if model is not None:
+        from .openvino_backend import is_cached
+
+        if is_cached(model, kind, cache_dir, precision):
+            return "openvino"
+    return "openvino" if slices is None and model is None else "torch"
+
+
+def make_runner(
+    model,
+    kind: str = "classes",
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+    fast: bool = True,
+    cache_dir: Optional[str | Path] = None,
+    slices: Optional[int] = None,
+    precision: str = "f32",
+):
+    """A runner for a k-class segmenter (``kind='classes'``) or a base model's box prompts (``'boxes'``).
+
+    ``fast=False`` with ``auto`` means the model exactly as it is: the plain PyTorch reference.
+    """
+    requested = (backend or "auto").lower()
+    if requested == "auto" and not fast:
+        requested = "torch"
+    chosen = choose_backend(requested, device, model, kind, slices, cache_dir, precision)
+    if chosen == "openvino":
+        from .openvino_backend import OpenVinoRunner
+
+        try:
+            return OpenVinoRunner(model, kind, cache_dir=cache_dir, precision=precision)
+        except Exception as exc:  # an op the converter lacks, a broken install: PyTorch still works
+            if requested == "openvino":
+                raise
+            warnings.warn(f"OpenVINO export failed ({type(exc).__name__}: {exc}); running PyTorch instead.")
+            print(f"Note: OpenVINO export failed ({exc}); using PyTorch.", file=sys.stderr)
+    from .torch_backend import TorchRunner
+
+    return TorchRunner(model, device, fast=fast)
+
+
+__all__ = ["BACKENDS", "AUTO_MIN_SLICES", "choose_backend", "make_runner", "openvino_available"]

@@ -1,0 +1,237 @@
+"""The OpenVINO backend: the image encoder and decoders exported to OpenVINO IR, compiled for the CPU.
+
+This is the runtime MedSAM-Lite's Slicer extension uses on CPUs. Each part is converted from the
+torch module with example inputs (``openvino.convert_model``), saved as IR with f32 weights, and
+compiled with an explicit f32 inference precision: on CPUs with bf16 units OpenVINO's default is
+bf16, whose masks have not been checked against PyTorch's here (this machine has none).
+
+The encoder and the decoder are exported and cached apart (:mod:`.cache`), each keyed by the
+checksum of its own weights, the OpenVINO and torch versions, the precision and this module's
+export version: fine-tuned weights, a new runtime or a changed export never reuse a stale IR, while
+a k-class head and box prompts on the same base model share one encoder export.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..head import decode_boxes
+from .cache import cache_key, cached_entry, user_cache_dir, valid_entry, weights_checksum
+
+# Raise when the exported graphs change (their inputs, outputs or what they compute).
+EXPORT_VERSION = 1
+PRECISIONS = ("f32",)
+KINDS = ("classes", "boxes")
+# The user cache keeps this many exports (least recently used go first).
+USER_CACHE_ENTRIES = 16
+
+
+def openvino_version() -> Optional[str]:
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.__version__
+
+
+class _Encoder(nn.Module):
+    """Images [1, 3, S, S] in [0, 1] -> image embeddings (pixel normalisation included)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.model.image_encoder(self.model.normalize(images01))
+
+
+class _ClassDecoder(nn.Module):
+    """Image embeddings -> k+1 class logits at the model's input size."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(embeddings)
+
+
+class _BoxDecoder(nn.Module):
+    """One image embedding and N boxes -> N mask logits at the model's input size."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        return decode_boxes(self.model, embeddings, boxes_xyxy)
+
+
+def _part_modules(model: nn.Module, part: str) -> nn.Module:
+    """The modules whose weights an exported part holds (what its key's checksum covers)."""
+    if part == "encoder":
+        return nn.ModuleDict({"image_encoder": model.image_encoder})
+    return nn.ModuleDict({"prompt_encoder": model.prompt_encoder, "mask_decoder": model.mask_decoder})
+
+
+def part_key(model: nn.Module, part: str, precision: str) -> str:
+    import openvino
+
+    fields = {
+        "part": part,
+        "weights": weights_checksum(_part_modules(model, part)),
+        "precision": precision,
+        "openvino": openvino.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "export_version": EXPORT_VERSION,
+        "architecture": model.architecture.to_dict(),
+    }
+    if part == "encoder":
+        fields["pixel_mean"] = model.pixel_mean.flatten().tolist()
+        fields["pixel_std"] = model.pixel_std.flatten().tolist()
+    return cache_key(fields)
+
+
+def parts_for(kind: str) -> tuple[str, str]:
+    if kind not in KINDS:
+        raise ValueError(f"Unknown export kind {kind!r}; expected one of {KINDS}.")
+    return ("encoder", "decoder" if kind == "classes" else "box_decoder")
+
+
+def cache_location(model: nn.Module, part: str, cache_dir: Optional[str | Path], key: str) -> tuple[Path, str]:
+    """(root, entry name): ``cache_dir`` (next to a model file) holds one entry per part; the user
+    cache, shared by many models, names its entries by key too."""
+    name = f"{model.base_name}-{model.image_size}-{part}"
+    if cache_dir is not None:
+        return Path(cache_dir), name
+    return user_cache_dir() / "openvino", f"{name}-{key[:12]}"
+
+
+def is_cached(model: nn.Module, kind: str, cache_dir: Optional[str | Path] = None, precision: str = "f32") -> bool:
+    """Whether valid exports of exactly these weights are on disk for ``kind`` (nothing is built)."""
+    for part in parts_for(kind):
+        key = part_key(model, part, precision)
+        root, name = cache_location(model, part, cache_dir, key)
+        if not valid_entry(root / name, key):
+            return False
+    return True
+
+
+def export_part(model: nn.Module, part: str, folder: Path) -> dict:
+    """Convert one part to OpenVINO IR (``<part>.xml`` + ``.bin``, f32 weights) in ``folder``."""
+    import openvino as ov
+
+    size = model.image_size
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape arithmetic
+            image = torch.rand(1, 3, size, size)
+            if part == "encoder":
+                converted = ov.convert_model(_Encoder(model), example_input=image)
+            else:
+                embeddings = _Encoder(model)(image)
+                if part == "decoder":
+                    converted = ov.convert_model(_ClassDecoder(model), example_input=embeddings)
+                else:
+                    boxes = torch.tensor([[0.1 * size, 0.1 * size, 0.6 * size, 0.7 * size],
+                                          [0.3 * size, 0.2 * size, 0.9 * size, 0.8 * size]])
+                    converted = ov.convert_model(
+                        _BoxDecoder(model), example_input=(embeddings, boxes),
+                        input=[ov.PartialShape(list(embeddings.shape)), ov.PartialShape([-1, 4])],
+                    )
+            ov.save_model(converted, str(folder / f"{part}.xml"), compress_to_fp16=False)
+    finally:
+        model.train(was_training)
+    return {"part": part, "export_seconds": round(time.perf_counter() - started, 2), "openvino": ov.__version__}
+
+
+def compile_config(precision: str = "f32", threads: Optional[int] = None) -> dict:
+    """CPU settings: explicit inference precision (f32 unless asked), one latency stream, torch's thread count."""
+    return {
+        "INFERENCE_PRECISION_HINT": precision,
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+        "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+    }
+
+
+class OpenVinoRunner:
+    """Encoder and decoder of a segmenter (``kind='classes'``) or base model (``'boxes'``) in OpenVINO.
+
+    Same interface as :class:`~MedSAGaLib.backends.torch_backend.TorchRunner`: tensors in, CPU
+    tensors out. ``built`` lists the parts exported now (the others came from the cache).
+    """
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str = "classes",
+        cache_dir: Optional[str | Path] = None,
+        precision: str = "f32",
+        threads: Optional[int] = None,
+    ) -> None:
+        import openvino as ov
+
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"OpenVINO precision {precision!r} is not offered: only {', '.join(PRECISIONS)}, whose masks are "
+                "tested against PyTorch's.")
+        self.image_size = model.image_size
+        self.kind = kind
+        self.precision = precision
+        started = time.perf_counter()
+        core = ov.Core()
+        config = compile_config(precision, threads)
+        compiled, self.built, self.folders = [], [], []
+        for part in parts_for(kind):
+            key = part_key(model, part, precision)
+            root, name = cache_location(model, part, cache_dir, key)
+            folder, built = cached_entry(root, name, key, lambda f, part=part: export_part(model, part, f),
+                                         keep_entries=4 if cache_dir is not None else USER_CACHE_ENTRIES)
+            compiled.append(core.compile_model(core.read_model(folder / f"{part}.xml"), "CPU", config))
+            self.folders.append(folder)
+            if built:
+                self.built.append(part)
+        self.encoder, self.decoder = compiled
+        self.prepare_seconds = time.perf_counter() - started
+        self.threads = config["INFERENCE_NUM_THREADS"]
+        self.description = f"OpenVINO {ov.__version__} ({precision}, {self.threads} threads)"
+        self._encoder_request = self.encoder.create_infer_request()
+        self._decoder_request = self.decoder.create_infer_request()
+
+    @staticmethod
+    def _run(request, inputs: list[np.ndarray]) -> torch.Tensor:
+        request.infer([np.ascontiguousarray(a, dtype=np.float32) for a in inputs])
+        return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
+
+    def encode(self, images01: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] in [0, 1] -> image embeddings (the IR takes one image at a time)."""
+        images = images01.detach().cpu().float().numpy()
+        return torch.cat([self._run(self._encoder_request, [images[n : n + 1]]) for n in range(images.shape[0])])
+
+    def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if self.kind != "classes":
+            raise TypeError("This OpenVINO runner holds a box decoder, not a k-class decoder.")
+        array = embeddings.detach().cpu().float().numpy()
+        return torch.cat([self._run(self._decoder_request, [array[n : n + 1]]) for n in range(array.shape[0])])
+
+    def decode_boxes(self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        if self.kind != "boxes":
+            raise TypeError("This OpenVINO runner holds a k-class decoder, not a box decoder.")
+        boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4).numpy()
+        return self._run(self._decoder_request, [embeddings.detach().cpu().float().numpy(), boxes])
+
+    def __call__(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(images01))

@@ -1,0 +1,153 @@
+"""Inference backends: OpenVINO agrees with PyTorch on real slices; its export cache is keyed and checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedSAGaLib.backends import choose_backend, make_runner, openvino_available
+from MedSAGaLib.backends.cache import model_cache_dir
+from MedSAGaLib.cli import main
+from MedSAGaLib.head import ClassSegmenter
+from MedSAGaLib.inference import bounding_box
+from MedSAGaLib.modelfile import load_model
+from MedSAGaLib.models import build_base_model
+from MedSAGaLib.preprocess import SliceTransform
+from MedSAGaLib.volume import normalize_intensity
+
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino is not installed")
+
+
+@pytest.fixture(scope="module")
+def mni_arrays():
+    from MedSAGaLib.samples.mni152 import mni152_tissue_labels
+
+    t1, labels = mni152_tissue_labels()
+    return normalize_intensity(sitk.GetArrayFromImage(t1).astype(np.float32)), sitk.GetArrayFromImage(labels)
+
+
+def agreement(runner_a, runner_b, slices01) -> tuple[float, float]:
+    """(share of pixels with the same argmax, max |logit difference|) over real slices."""
+    transform = SliceTransform(runner_a.image_size)
+    same = total = 0
+    worst = 0.0
+    for slice01 in slices01:
+        image = transform.to_model(slice01)[None]
+        a, b = runner_a(image), runner_b(image)
+        worst = max(worst, float((a - b).abs().max()))
+        same += int((a.argmax(1) == b.argmax(1)).sum())
+        total += a.shape[0] * a.shape[2] * a.shape[3]
+    return same / total, worst
+
+
+def test_backend_choice():
+    assert choose_backend("torch", "cpu") == "torch"
+    assert choose_backend("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="Unknown backend"):
+        choose_backend("tensorrt", "cpu")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        choose_backend("openvino", "cuda")
+    if openvino_available():
+        # Whole volumes repay the one-off export; a handful of slices of an unexported model does not.
+        assert choose_backend("auto", "cpu", slices=190) == "openvino"
+        assert choose_backend("openvino", "cpu", slices=1) == "openvino"
+
+
+@needs_openvino
+def test_openvino_matches_pytorch_on_mni152_with_the_tiny_vit(tiny_model_file, mni152, mni_arrays, tmp_path):
+    array01, _ = mni_arrays
+    model_path = tmp_path / "tiny.medsaga"
+    shutil.copyfile(tiny_model_file, model_path)
+    segmenter = load_model(model_path)
+    reference = make_runner(segmenter, backend="torch", fast=False)
+    runner = make_runner(segmenter, backend="openvino", cache_dir=model_cache_dir(model_path))
+    assert runner.name == "openvino" and runner.built == ["encoder", "decoder"]
+    same, worst = agreement(reference, runner, [array01[z] for z in (60, 90, 120)])
+    print(f"tiny ViT 224 px, OpenVINO f32 vs PyTorch: argmax agreement {100 * same:.4f}%, max logit diff {worst:.2e}")
+    assert same >= 0.995 and worst < 1e-2
+    # The command line finds the export next to the model file and gives PyTorch's labels.
+    image_path, _ = mni152
+    manifests = {p: p.stat().st_mtime_ns for p in model_cache_dir(model_path).glob("*/manifest.json")}
+    outputs = {}
+    for backend in ("openvino", "torch"):
+        out = tmp_path / f"{backend}.seg.nrrd"
+        assert main(["segment", str(image_path), "--model", str(model_path), "--slices", "70,100", "--backend",
+                     backend, "-o", str(out), "--labelmap", str(tmp_path / f"{backend}.nii.gz")]) == 0
+        outputs[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{backend}.nii.gz")))
+    assert {p: p.stat().st_mtime_ns for p in model_cache_dir(model_path).glob("*/manifest.json")}.keys() == manifests.keys()
+    assert outputs["openvino"].any()
+    assert (outputs["openvino"] == outputs["torch"]).mean() >= 0.995
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_openvino_matches_pytorch_on_mni152_with_litemedsam(mni_arrays, tmp_path):
+    """Real LiteMedSAM weights (k-class head and box prompts) on real MNI152 slices, f32."""
+    array01, tissue = mni_arrays
+    base = build_base_model("litemedsam")
+    segmenter = ClassSegmenter.from_base(base, ["grey_matter", "white_matter"]).eval()
+    cache = tmp_path / "cache"
+    reference = make_runner(segmenter, backend="torch", fast=False)
+    runner = make_runner(segmenter, backend="openvino", cache_dir=cache)
+    slices = [array01[z] for z in (60, 90, 120)]
+    same, worst = agreement(reference, runner, slices)
+    print(f"LiteMedSAM k-class, OpenVINO f32 vs PyTorch: argmax agreement {100 * same:.4f}%, max logit diff {worst:.2e}")
+    assert same >= 0.995 and worst < 1e-2
+    # Box prompts reuse the encoder export of the same base weights: only the box decoder is new.
+    box_reference = make_runner(base, "boxes", backend="torch", fast=False)
+    box_runner = make_runner(base, "boxes", backend="openvino", cache_dir=cache)
+    assert box_runner.built == ["box_decoder"]
+    transform = SliceTransform(base.image_size)
+    for z in (60, 90, 120):
+        image = transform.to_model(array01[z])[None]
+        boxes = torch.tensor([transform.box_to_model(bounding_box(tissue[z] == v), tissue[z].shape) for v in (1, 2)])
+        a = box_reference.decode_boxes(box_reference.encode(image), boxes)
+        b = box_runner.decode_boxes(box_runner.encode(image), boxes)
+        print(f"LiteMedSAM boxes slice {z}: mask agreement {100 * float(((a > 0) == (b > 0)).float().mean()):.4f}%, "
+              f"max logit diff {float((a - b).abs().max()):.2e}")
+        assert float(((a > 0) == (b > 0)).float().mean()) >= 0.995
+
+
+@needs_openvino
+def test_export_cache_is_reused_only_for_the_same_weights(tiny_model_file, tmp_path):
+    cache = tmp_path / "tiny.medsaga.openvino"
+    segmenter = load_model(tiny_model_file)
+    first = make_runner(segmenter, backend="openvino", cache_dir=cache)
+    assert first.built == ["encoder", "decoder"]
+    assert make_runner(segmenter, backend="openvino", cache_dir=cache).built == []
+    assert choose_backend("auto", "cpu", segmenter, slices=1, cache_dir=cache) == "openvino"  # cached: worth it
+    # A fine-tuned decoder (new weights) is exported again; the unchanged encoder is not.
+    with torch.no_grad():
+        segmenter.mask_decoder.mask_tokens.weight[1] += 0.5
+    second = make_runner(segmenter, backend="openvino", cache_dir=cache)
+    assert second.built == ["decoder"]
+    image = torch.rand(1, 3, 224, 224)
+    torch.testing.assert_close(second(image), make_runner(segmenter, backend="torch", fast=False)(image),
+                               rtol=1e-3, atol=1e-3)
+    # A damaged IR file or a manifest for other weights is never trusted: rebuilt.
+    encoder_folder = second.folders[0]
+    weights = encoder_folder / "encoder.bin"
+    weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
+    assert make_runner(segmenter, backend="openvino", cache_dir=cache).built == ["encoder"]
+    manifest = json.loads((encoder_folder / "manifest.json").read_text())
+    manifest["key"] = "0" * 64
+    (encoder_folder / "manifest.json").write_text(json.dumps(manifest))
+    assert make_runner(segmenter, backend="openvino", cache_dir=cache).built == ["encoder"]
+    assert not list(cache.glob(".*.part"))  # no scratch folders left behind
+    # Under auto, too few slices of an unexported model run PyTorch rather than pay for the export.
+    with torch.no_grad():
+        segmenter.mask_decoder.mask_tokens.weight[1] += 0.5
+    assert make_runner(segmenter, backend="auto", cache_dir=cache, slices=2).name == "torch"
+
+
+@needs_openvino
+def test_openvino_refuses_an_untested_precision(tiny_model_file):
+    with pytest.raises(ValueError, match="not offered"):
+        from MedSAGaLib.backends.openvino_backend import OpenVinoRunner
+
+        OpenVinoRunner(load_model(tiny_model_file), precision="bf16")
