@@ -19,16 +19,25 @@ USER_ERRORS = (VolumeError, ModelFileError, ModelError, InputError, ValueError, 
 
 
 def add_segment_parser(subparsers) -> None:
-    add_command(subparsers, "segment", SEGMENT_OPTIONS, run_segment, help="segment a volume slice by slice",
-                description="Segment every slice (or --slices) of a volume with an adapted model, or with box prompts.")
+    parser = add_command(subparsers, "segment", SEGMENT_OPTIONS, run_segment, help="segment a volume slice by slice",
+                         description="Segment every slice (or --slices) of a volume with an adapted model, or with box prompts.")
+    from .cohort import add_cohort_arguments
+
+    add_cohort_arguments(parser)
 
 
 def run_segment(args) -> int:
     from .cli_train import _set_threads
+    from .cohort import is_cohort_request, run_segment_cohort
     from .events import ConsoleProgress
     from .workflow import segment_file
 
     _set_threads(args.threads)
+    if is_cohort_request(args):  # many inputs: a Dask cluster (MedSAGaLib/cohort.py)
+        return run_segment_cohort(args)
+    if len(args.image) != 1 or not args.output:
+        raise ValueError("Give one image and -o OUTPUT.seg.nrrd, or many inputs with --output-dir DIR.")
+    args.image = args.image[0]
     progress = ConsoleProgress("auto")
     try:
         seg = segment_file(args.image, args.model, args.output, labelmap=args.labelmap, axis=args.axis,

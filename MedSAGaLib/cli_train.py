@@ -81,20 +81,25 @@ def _settings(args) -> dict:
 
 
 def run_finetune(args) -> int:
+    from .training.distributed import is_main_process, shutdown
     from .workflow import finetune_volume
 
     _set_threads(args.threads)
     output = Path(args.output)
-    progress = ConsoleProgress(args.progress)
+    main_rank = is_main_process()  # under torchrun, rank 0 alone reports and writes the model
+    progress = ConsoleProgress(args.progress if main_rank else "none")
     with StopFlag() as stop:
         try:
             run = finetune_volume(
-                args.image, args.labels, output=output, axis=args.axis, classes=args.classes, slices=args.slices,
-                shots=args.shots, val_fraction=args.val_fraction, window=args.window, base=args.base,
+                args.image, args.labels, output=output if main_rank else None, axis=args.axis, classes=args.classes,
+                slices=args.slices, shots=args.shots, val_fraction=args.val_fraction, window=args.window, base=args.base,
                 checkpoint=args.checkpoint, image_size=args.image_size, resume=args.resume, epochs=args.epochs,
                 progress=progress, should_stop=stop, **_settings(args))
         finally:
             progress.close()
+    if not main_rank:
+        shutdown()
+        return 0
     result = run.result
     if run.model_path is None:
         kept = " (the existing file is unchanged)" if output.exists() else ""
@@ -115,6 +120,7 @@ def run_finetune(args) -> int:
         for note in result.notes:
             print(f"Note: {note}", file=sys.stderr)
         print(f"Wrote {output}")
+    shutdown()
     return 0
 
 

@@ -163,7 +163,8 @@ EVALUATE_OPTIONS = TASK_OPTIONS + (
 )
 
 SEGMENT_OPTIONS = (
-    Option(("image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", positional=True),
+    Option(("image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder; several, folders or globs "
+           "with --output-dir", positional=True, nargs="*"),
     Option(("--model",), "model", f"adapted model file, or a base model ({', '.join(BASE_MODEL_NAMES)}) for box "
            "prompts or an untrained head", default="litemedsam"),
     CHECKPOINT,
@@ -172,7 +173,7 @@ SEGMENT_OPTIONS = (
     Option(("--boxes-from",), "boxes_from", "label volume or .seg.nrrd: prompt each slice with each label's "
            "bounding box (zero-shot)", metavar="LABELS"),
     Option(("--box-margin",), "box_margin", "pixels added around each box (default 0)", type=int, default=0),
-    Option(("-o", "--output"), "output", "output segmentation (.seg.nrrd)", required=True),
+    Option(("-o", "--output"), "output", "output segmentation (.seg.nrrd) of one input (many: --output-dir)"),
     Option(("--labelmap",), "labelmap", "also write a plain label volume (e.g. OUT.nii.gz)"),
     Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, where it is fastest; "
            "8 on a GPU)", type=int),

@@ -38,6 +38,20 @@ prediction nor the reference, NaN in Python). Fields marked optional may be abse
 ``segment``             slices segmented (``segment`` / ``evaluate``)
     done, total:  int
     elapsed:      float (optional)
+``cohort-start``        ``segment`` with many inputs (``MedSAGaLib.cohort``) has checked earlier outputs
+    total:        int         inputs in all
+    skipped:      int         inputs whose outputs from an earlier run are complete and valid
+    pending:      int         inputs to segment now
+``volume``              one input of a cohort finished
+    done, total:  int         inputs finished (skipped ones included) / in all
+    input, output: str        image and its .seg.nrrd (output None when it failed)
+    status:       str         done or failed
+    seconds:      float|None  segmentation time on the worker
+    error:        str|None    why it failed
+``cohort-end``          the cohort run finished and its summary is written
+    counts:       dict        done / skipped / failed -> number of inputs
+    seconds:      float
+    summary:      str         the summary.json file
 
 A record without ``"event"`` is a ``step`` (older command lines printed steps that way).
 """
@@ -59,6 +73,9 @@ SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "done": (("model", "steps", "stopped", "best_step", "val_dice", "initial_val_dice", "seconds_per_step",
               "seconds"), ("decisions", "stop_reason", "warnings")),
     "segment": (("done", "total"), ("elapsed",)),
+    "cohort-start": (("total", "skipped", "pending"), ()),
+    "volume": (("done", "total", "input", "output", "status", "seconds", "error"), ()),
+    "cohort-end": (("counts", "seconds", "summary"), ()),
 }
 
 
@@ -159,6 +176,14 @@ def describe(ev: dict) -> str:
         return "before training: " + (_dice_text(ev.get("val_dice")) or "no validation slice")
     if kind == "segment":
         return f"segmenting slice {ev.get('done', 0)}/{ev.get('total', '?')}"
+    if kind == "cohort-start":
+        return f"{ev.get('pending', 0)} of {ev.get('total', '?')} volumes to segment ({ev.get('skipped', 0)} already done)"
+    if kind == "volume":
+        text = f"volume {ev.get('done', 0)}/{ev.get('total', '?')} {ev.get('status', '')}: {ev.get('input', '')}"
+        return text + (f" ({ev['error']})" if ev.get("error") else "")
+    if kind == "cohort-end":
+        counts = ev.get("counts") or {}
+        return ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "skipped", "failed"))
     parts = []
     if kind == "done":
         parts.append(f"done: {ev.get('steps', '?')} steps" + (" (stopped early)" if ev.get("stopped") else ""))

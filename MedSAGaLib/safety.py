@@ -280,6 +280,13 @@ def check_request(command: str, values: dict) -> list[str]:
     notes: list[str] = []
     if command not in ("segment", "finetune", "evaluate", "info"):
         return notes  # bench checks its own options
+    if command == "segment" and isinstance(values.get("image"), (list, tuple)):
+        images = list(values["image"])
+        if values.get("output_dir") or values.get("inputs_csv") or len(images) != 1:
+            # many inputs (folders, globs, a CSV): MedSAGaLib.cohort expands them and reports each one
+            values = dict(values, image=None)
+        else:
+            values = dict(values, image=images[0])
     for dest, flag in (("axis", "--axis"), ("slices", "--slices"), ("window", "--window"), ("device", "--device"),
                        ("checkpoint", "--checkpoint"), ("labelmap", "--labelmap"), ("resume", "--resume"),
                        ("boxes_from", "--boxes-from"), ("base", "--base"), ("proj_type", "--proj-type")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_bench_parser(subparsers) -> None:
-    from . import memory, quality, report, speed
+    from . import cohort, memory, quality, report, speed
 
     parser = subparsers.add_parser(
         "bench", help="benchmarks: training memory, Dice versus shots, speed",
@@ -23,6 +23,10 @@ def add_bench_parser(subparsers) -> None:
                          description=speed.__doc__.splitlines()[0])
     speed.add_arguments(spd)
     spd.set_defaults(func=lambda args: speed.run(args) and 0)
+    coh = sub.add_parser("cohort", help="volumes per minute on a local Dask cluster (1, 2 workers) against one process",
+                         description=cohort.__doc__.splitlines()[0])
+    cohort.add_arguments(coh)
+    coh.set_defaults(func=lambda args: cohort.run(args) and 0)
     rep = sub.add_parser("report", help="write README.md's Results section from the JSON files",
                          description=report.__doc__.splitlines()[0])
     report.add_arguments(rep)

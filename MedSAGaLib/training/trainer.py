@@ -29,6 +29,7 @@ from ..roi import choose_roi
 from .budget import PROBE_STEPS, StepBudget
 from .config import FinetuneConfig, TrainingError
 from .diagnosis import stuck_classes
+from .distributed import DistributedTraining
 from .data import BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, select_validation
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
 from .lora import LoRAQKV, apply_lora, lora_parameters, merge_lora
@@ -290,7 +291,11 @@ class Trainer:
             self.val_labels = [roi.crop(x) for x in self.val_labels]
         self.images01, self.labels = images01, labels
         self.total_steps = config.steps if config.steps is not None else config.max_steps
-        self.device = resolve_device(config.device)
+        # under torchrun: join the process group; rank 0 alone validates and reports (None in one process)
+        self.ddp = DistributedTraining.from_environment(config.method, config.device)
+        self.device = self.ddp.device if self.ddp is not None else resolve_device(config.device)
+        if self.ddp is not None and not self.ddp.is_main:
+            self.val_images, self.val_labels, callback = [], [], None
         amp_dtype = _autocast_dtype(config.precision, self.device)
         if amp_dtype is not None and self.method.layerwise and amp_dtype == torch.float16:
             amp_dtype = torch.bfloat16  # a gradient scaler cannot unscale inside per-parameter hooks
@@ -304,6 +309,11 @@ class Trainer:
         if config.steps is None:
             self.budget_hook = StepBudgetHook(config, bool(self.val_images))
             self.hooks.append(self.budget_hook)
+        if self.ddp is not None:
+            self.result.config["distributed"] = {"world_size": self.ddp.world_size, "backend": self.ddp.backend,
+                                                 "global_batch": config.batch_size * self.ddp.world_size}
+            self.result.notes.append(self.ddp.describe(config.batch_size, config.lr))
+        self.train_module: Optional[nn.Module] = None  # the DDP-wrapped trained forward under torchrun
         self.best_state = None
         self.best_score = -1.0
         self.wrapped: list[LoRAQKV] = []
@@ -361,6 +371,8 @@ class Trainer:
             self.optimizer.grad_scaler = self.scaler
         self.checkpointed = checkpoint_units(split) if config.checkpointing else []
         set_checkpointing(self.checkpointed, True)
+        if self.ddp is not None:
+            self.train_module = self.ddp.wrap(segmenter, split.suffix)
         self.fire("on_optimizer_built")
 
     # --- data: frozen prefix computed once per (augmented) slice --------------------------------
@@ -431,7 +443,13 @@ class Trainer:
             to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight, lambda_ce=config.ce_weight, batch=True,
             include_background=config.dice_background, weight=weight,
         )
-        self.sampler = BatchSampler(len(self.pool_images), config.batch_size, config.seed)
+        world = self.ddp.world_size if self.ddp is not None else 1
+        if world > 1 and len(self.pool_images) < config.batch_size * world:
+            raise TrainingError(
+                f"The global batch ({config.batch_size} x {world} processes) is larger than the "
+                f"{len(self.pool_images)} training slices (with augmented copies): lower --batch-size or --nproc_per_node.")
+        # every rank draws the same global batch from the same shuffle and trains on its own part of it
+        self.sampler = BatchSampler(len(self.pool_images), config.batch_size * world, config.seed)
 
     # --- model, validation, one step -------------------------------------------------------------
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
@@ -470,7 +488,7 @@ class Trainer:
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next training batch: (encoder input or frozen-prefix features, labels [B, 1, S, S])."""
-        idx = self.sampler.next()
+        idx = self.sampler.next() if self.ddp is None else self.ddp.shard(self.sampler.next())
         if self.pool_feats is not None:
             feats = torch.stack([self.pool_feats[i] for i in idx])
             target = torch.stack([self.pool_labels[i] for i in idx])
@@ -489,7 +507,12 @@ class Trainer:
         config = self.config
         lr = self.optimizer.set_lr_factor(lr_factor(step, self.total_steps, config.warmup, config.poly_power))
         feats, target = self.batch()
-        loss = self.loss_fn(self.forward(feats), target)
+        if self.ddp is None:
+            loss = self.loss_fn(self.forward(feats), target)
+        else:
+            with self.autocast():
+                logits = self.train_module(feats).float()
+            loss = self.ddp.global_loss(self.loss_fn, logits, target)
         if not torch.isfinite(loss):
             raise TrainingError(f"The loss became {loss.item()} at step {step + 1}; lower --lr.")
         if self.scaler is not None:
@@ -522,7 +545,7 @@ class Trainer:
             step = -1
             while step + 1 < self.total_steps:
                 step += 1
-                if self.should_stop():
+                if self.ddp.any(self.should_stop()) if self.ddp is not None else self.should_stop():
                     result.stopped = True
                     break
                 t0 = time.perf_counter()
@@ -540,6 +563,8 @@ class Trainer:
                 result.history.append(entry)
                 self.emit(event("step", **entry))
                 self.fire("on_step_end", entry)
+                if self.ddp is not None:  # a data-chosen length is timed on each rank: rank 0's plan holds for all
+                    self.total_steps = self.ddp.broadcast_int(self.total_steps)
         except KeyboardInterrupt:
             result.stopped = True
         except RuntimeError as exc:
