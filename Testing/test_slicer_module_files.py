@@ -243,10 +243,10 @@ def test_panel_defaults_match_the_trainer():
                 if isinstance(stmt, ast.AnnAssign) and stmt.value is not None and isinstance(stmt.value, ast.Constant)}
     trainer = FinetuneConfig()
     pairs = {"method": "method", "rank": "rank", "updateProjGap": "update_proj_gap", "scale": "scale",
-             "learningRate": "lr"}
-    # the trainer's steps default is None (chosen by the data within a time budget); the panel still asks for a
-    # fixed count until it offers that choice (issue 10 -> Slicer panel follow-up)
+             "learningRate": "lr", "timeBudget": "time_budget"}
     assert {k: defaults[k] for k in pairs} == {k: getattr(trainer, v) for k, v in pairs.items()}
+    # steps: the trainer's None (chosen by the data) is the panel's 0, shown as "auto"
+    assert trainer.steps is None and defaults["steps"] == 0
 
 
 def test_install_question_is_never_asked_under_a_busy_cursor():

@@ -194,7 +194,9 @@ class MedSAGaParameterNode:
     updateProjGap: Annotated[int, WithinRange(1, 100000)] = 50
     scale: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
     learningRate: Annotated[float, WithinRange(1e-7, 1.0)] = 1e-3  # the trainer's default (a test pins it)
-    steps: Annotated[int, WithinRange(1, 100000)] = 60
+    # 0 = chosen by the data: train until the held-out painted slices stop improving, within timeBudget
+    steps: Annotated[int, WithinRange(0, 100000)] = 0
+    timeBudget: Annotated[float, WithinRange(10.0, 86400.0)] = 240.0  # seconds (the trainer's default; a test pins it)
     device: Annotated[str, Choice(DEVICES)] = "auto"
     modelPath: str = ""
 
@@ -542,7 +544,8 @@ class MedSAGaLogic(ScriptedLoadableModuleLogic):
 
     def trainingOptions(self, p):
         return dict(base=p.baseModel, checkpoint=p.checkpoint or None, method=p.method,
-                    steps=p.steps, rank=p.rank, update_proj_gap=p.updateProjGap, scale=p.scale,
+                    steps=p.steps or None, time_budget=None if p.steps else p.timeBudget,
+                    rank=p.rank, update_proj_gap=p.updateProjGap, scale=p.scale,
                     lr=p.learningRate, device=p.device)
 
     def startFinetune(self, p, modelPath, slices=None, **overrides):
