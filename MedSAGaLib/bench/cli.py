@@ -11,26 +11,19 @@ def add_bench_parser(subparsers) -> None:
         description="Benchmarks of MedSAGa against LoRA, full fine-tuning and a decoder-only baseline. "
                     "Results land in --output as NAME.json, NAME.md and PNG plots.")
     sub = parser.add_subparsers(dest="bench", required=True)
-    mem = sub.add_parser("memory", help="training memory per method (one fresh process per measurement)",
-                         description=memory.__doc__.splitlines()[0])
-    memory.add_arguments(mem)
-    mem.set_defaults(func=lambda args: memory.run_sweep(args) and 0)
-    qual = sub.add_parser("quality", help="Dice/HD95 on unseen slices versus training slices (MNI152 GM/WM, Colin27 AAL structures)",
-                          description=quality.__doc__.splitlines()[0])
-    quality.add_arguments(qual)
-    qual.set_defaults(func=lambda args: quality.run(args) and 0)
-    spd = sub.add_parser("speed", help="inference s/slice and training s/step, FLOPs, share of matmul peak",
-                         description=speed.__doc__.splitlines()[0])
-    speed.add_arguments(spd)
-    spd.set_defaults(func=lambda args: speed.run(args) and 0)
-    coh = sub.add_parser("cohort", help="volumes per minute on a local Dask cluster (1, 2 workers) against one process",
-                         description=cohort.__doc__.splitlines()[0])
-    cohort.add_arguments(coh)
-    coh.set_defaults(func=lambda args: cohort.run(args) and 0)
-    rep = sub.add_parser("report", help="write README.md's Results section from the JSON files",
-                         description=report.__doc__.splitlines()[0])
-    report.add_arguments(rep)
-    rep.set_defaults(func=lambda args: print(report.run(args)) or 0)
+    # one sub-command per benchmark module: each has add_arguments and a runner returning something truthy
+    commands = [
+        ("memory", memory, memory.run_sweep, "training memory per method (one fresh process per measurement)"),
+        ("quality", quality, quality.run,
+         "Dice/HD95 on unseen slices versus training slices (MNI152 GM/WM, Colin27 AAL structures)"),
+        ("speed", speed, speed.run, "inference s/slice and training s/step, FLOPs, share of matmul peak"),
+        ("cohort", cohort, cohort.run, "volumes per minute on a local Dask cluster (1, 2 workers) against one process"),
+        ("report", report, lambda args: print(report.run(args)) or True, "write README.md's Results section from the JSON files"),
+    ]
+    for name, module, runner, help_text in commands:
+        command = sub.add_parser(name, help=help_text, description=module.__doc__.splitlines()[0])
+        module.add_arguments(command)
+        command.set_defaults(func=lambda args, runner=runner: runner(args) and 0)
     every = sub.add_parser("all", help="memory, quality and speed with their defaults, then report",
                            description="Run every benchmark with its default settings into --output, then "
                                        "rewrite README.md's Results section (hours on a 2-core CPU).")
