@@ -7,8 +7,8 @@ import textwrap
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
-vtk = pytest.importorskip("vtk")
+import slicer  # slicer-core is a test dependency: missing, these tests must fail, not skip
+import vtk
 from vtk.util import numpy_support  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,7 +305,7 @@ def test_files_keep_geometry(tmp_path):
     path = jobs.write_labels(truth, vol, str(tmp_path / "labels.nrrd"))
     assert np.array_equal(jobs.read_labels(path, vol), truth)
     jobs.write_volume(vol, str(tmp_path / "image.nrrd"))
-    sitk = pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk
     img = sitk.ReadImage(str(tmp_path / "image.nrrd"))
     assert np.allclose(sitk.GetArrayFromImage(img), image)
     # MRML RAS -> ITK LPS

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
+import slicer  # slicer-core is a test dependency: missing, these tests must fail, not skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "MedSAGaSlicer", "MedSAGa"))
