@@ -106,7 +106,7 @@ def run_finetune(args) -> int:
         print(f"medsaga finetune: stopped before the first step; nothing written{kept}.", file=sys.stderr)
         return 130
     if progress.mode != "json":
-        state = "stopped early at step" if result.stopped else "finished"
+        state = "stopped early at step" if result.stopped else "finished after step"
         print(f"Fine-tuning {state} {result.steps_done}; {result.seconds_per_step:.2f} s/step, "
               f"{result.total_seconds:.0f} s in all.", file=sys.stderr)
         if result.val_dice:
