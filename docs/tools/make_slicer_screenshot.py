@@ -10,7 +10,7 @@ Steps (all with the ``medsaga`` CLI of this repository, on the CPU):
 4. the T1 slice with the predicted classes as an overlay, beside the reference labels, with each
    class's Dice on that slice.
 
-Usage: ``python MedSAGaSlicer/Screenshots/make_screenshot.py WORKDIR [--slice 90]``.
+Usage: ``python docs/tools/make_slicer_screenshot.py WORKDIR [--slice 90]``.
 """
 
 import argparse
@@ -33,7 +33,7 @@ def main(argv=None):
     parser.add_argument("workdir")
     parser.add_argument("--slice", type=int, default=90)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--output", default=os.path.join(HERE, "mni152-gm-wm.png"))
+    parser.add_argument("--output", default=os.path.join(HERE, "..", "..", "MedSAGaSlicer", "Screenshots", "mni152-gm-wm.png"))
     args = parser.parse_args(argv)
 
     import matplotlib
