@@ -431,6 +431,22 @@ def test_cancel_stops_the_whole_tree_behind_a_launcher(tmp_path, mode):
         assert int((workdir / "kept-model").read_text()) >= 1
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX launcher script")
+def test_abandoning_a_bound_job_stops_its_tree_and_deletes_its_work_folder(tmp_path):
+    """What the module's and the effect's cleanup() call when Slicer closes mid-job."""
+    launcher = tmp_path / "launcher"
+    launcher.write_text(LAUNCHER % sys.executable)
+    launcher.chmod(0o755)
+    job, workdir = fake_job(tmp_path, "stubborn", "stubborn", python=str(launcher), grace=1.0)
+    wait_for_events(job)
+    child = int((workdir / "child.pid").read_text())
+    scene = slicer.vtkMRMLScene()
+    bound = jobs.BoundJob(job, "finetune", scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
+    bound.abandon(1)
+    assert not alive(job.process.pid) and not alive(child)
+    assert not workdir.exists()
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 def test_signalling_the_launcher_alone_would_orphan_the_child(tmp_path):
     """Why the tree matters: SIGTERM to the launcher (the old cancel) leaves the child running."""

@@ -264,10 +264,7 @@ class MedSAGaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._timer:
             self._timer.stop()
         if self._job is not None:
-            # Slicer is closing: the whole process tree stops (a fine-tune saves its best model
-            # if it can within the wait), and the work folder goes.
-            self._job.job.stop_and_wait(10)
-            self._job.job.cleanup()
+            self._job.abandon(10)
             self._job = None
 
     def enter(self):

@@ -349,6 +349,12 @@ class BoundJob:
         """(volume, segmentation) as started, or None for one no longer in the scene."""
         return self._current(self.volume_id, self._volume), self._current(self.segmentation_id, self._segmentation)
 
+    def abandon(self, seconds):
+        """Slicer or the effect is closing: stop the whole process tree (a fine-tune saves its best
+        model if it can within ``seconds``) and delete the work folder; no result is applied."""
+        self.job.stop_and_wait(seconds)
+        self.job.cleanup()
+
     def finish(self, make_session=None):
         """Apply the result (if any) to the job's own nodes and delete the work folder.
 

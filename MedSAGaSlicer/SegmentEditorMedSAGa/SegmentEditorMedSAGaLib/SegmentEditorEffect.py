@@ -354,8 +354,7 @@ Masking settings apply; Undo reverts each apply. Long work runs in the backgroun
         if self._timer:
             self._timer.stop()
         if self._job is not None:
-            self._job.job.stop_and_wait(2)
-            self._job.job.cleanup()
+            self._job.abandon(2)
             self._job = None
 
     # -- drawing a box
