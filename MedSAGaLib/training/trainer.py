@@ -563,7 +563,7 @@ class Trainer:
                 result.history.append(entry)
                 self.emit(event("step", **entry))
                 self.fire("on_step_end", entry)
-                if self.ddp is not None:  # a data-chosen length is timed on each rank: rank 0's plan holds for all
+                if self.ddp is not None and self.budget_hook is not None:  # each rank times itself: rank 0's plan holds
                     self.total_steps = self.ddp.broadcast_int(self.total_steps)
         except KeyboardInterrupt:
             result.stopped = True
