@@ -94,7 +94,7 @@ def run_finetune(args) -> int:
                 args.image, args.labels, output=output if main_rank else None, axis=args.axis, classes=args.classes,
                 slices=args.slices, shots=args.shots, val_fraction=args.val_fraction, window=args.window, base=args.base,
                 checkpoint=args.checkpoint, image_size=args.image_size, resume=args.resume, epochs=args.epochs,
-                progress=progress, should_stop=stop, **_settings(args))
+                progress=progress, should_stop=stop, feature_store=args.feature_cache or "auto", **_settings(args))
         finally:
             progress.close()
     if not main_rank:
@@ -109,6 +109,8 @@ def run_finetune(args) -> int:
         state = "stopped early at step" if result.stopped else "finished after step"
         print(f"Fine-tuning {state} {result.steps_done}; {result.seconds_per_step:.2f} s/step, "
               f"{result.total_seconds:.0f} s in all.", file=sys.stderr)
+        if result.timings:
+            print(result.time_summary()[0].upper() + result.time_summary()[1:] + ".", file=sys.stderr)
         if result.val_dice:
             print(f"Validation Dice (step {result.best_step}, kept): {format_dice(result.val_dice)}", file=sys.stderr)
             if result.initial_val_dice:

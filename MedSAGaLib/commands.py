@@ -121,6 +121,10 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
            choices=("auto", "on", "off"), default=_DEFAULTS.crop),
     Option(("--class-weighting",), "class_weighting", f"class weights of the loss (default {_DEFAULTS.class_weighting})",
            choices=("none", "balanced"), default=_DEFAULTS.class_weighting),
+    Option(("--feature-cache",), "feature_cache", "folder that keeps the frozen encoder features of the training "
+           "slices between runs, so --resume and a retrain with one slice more skip most of the preparation "
+           "(default: $MEDSAGA_FEATURE_CACHE, else ~/.cache/medsaga/features, at most 2 GB; none: off)",
+           metavar="DIR|none"),
     Option(("--epochs",), "epochs", "passes over the training slices instead of --steps", type=float,
            group="length"),
     Option(("--batch-size",), "batch_size", f"slices per step (default {_DEFAULTS.batch_size})", type=int,

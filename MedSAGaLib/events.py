@@ -35,6 +35,9 @@ prediction nor the reference, NaN in Python). Fields marked optional may be abse
     decisions:    list[str]   what the run decided: crop, planned steps, why it stopped (optional)
     stop_reason:  str         why training ended (optional)
     warnings:     list[str]   classes not learned, each named with what to paint (optional)
+    timings:      dict        where the time went, seconds (optional): setup, prepare_training
+                              (prepare_slices: how many, augmented copies included), prepare_validation,
+                              steps, validation (validation_passes: how many), total
 ``segment``             slices segmented (``segment`` / ``evaluate``)
     done, total:  int
     elapsed:      float (optional)
@@ -71,7 +74,7 @@ SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "validate": (("step", "steps", "val_dice", "elapsed"), ()),
     "step": (("step", "steps", "loss", "lr", "val_dice", "elapsed", "eta"), ()),
     "done": (("model", "steps", "stopped", "best_step", "val_dice", "initial_val_dice", "seconds_per_step",
-              "seconds"), ("decisions", "stop_reason", "warnings")),
+              "seconds"), ("decisions", "stop_reason", "warnings", "timings")),
     "segment": (("done", "total"), ("elapsed",)),
     "cohort-start": (("total", "skipped", "pending"), ()),
     "volume": (("done", "total", "input", "output", "status", "seconds", "error"), ()),
@@ -133,6 +136,26 @@ def format_seconds(seconds: Optional[float]) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def format_timings(timings: Optional[dict], steps: Optional[int] = None) -> str:
+    """Where a fine-tune's time went (the ``timings`` of a ``done`` event) as one line; "" without timings."""
+    t = timings or {}
+    if not t:
+        return ""
+    parts = [f"setting up {t.get('setup', 0):.0f} s"]
+    if t.get("prepare_slices"):
+        parts.append(f"preparing {t['prepare_slices']} training slices (augmented copies included) "
+                     f"{t.get('prepare_training', 0):.0f} s")
+    if t.get("prepare_validation", 0) >= 0.5:
+        parts.append(f"preparing validation slices {t['prepare_validation']:.0f} s")
+    step_text = f"{steps} steps " if steps is not None else "steps "
+    per_step = f" ({t['steps'] / steps:.2f} s/step)" if steps else ""
+    parts.append(f"{step_text}{t.get('steps', 0):.0f} s{per_step}")
+    if t.get("validation_passes"):
+        parts.append(f"{t['validation_passes']} validation passes {t.get('validation', 0):.0f} s")
+    total = f"; {t['total']:.0f} s in all" if "total" in t else ""
+    return "time: " + ", ".join(parts) + total
 
 
 def _finite(value: Any) -> bool:
@@ -205,6 +228,8 @@ def describe(ev: dict) -> str:
     if kind == "done" and ev.get("stop_reason"):
         parts.append(f"stopped: {ev['stop_reason']}")
     text = ", ".join(parts)
+    if kind == "done" and ev.get("timings"):
+        text += "\n" + format_timings(ev["timings"], ev.get("steps"))
     if kind == "done" and ev.get("warnings"):  # classes not learned: named, never silent
         text += "\n" + "\n".join(f"warning: {w}" for w in ev["warnings"])
     return text

@@ -124,17 +124,34 @@ def finetune_slices(segmenter, train_images: Sequence[np.ndarray], train_labels:
                     val_images: Sequence[np.ndarray] = (), val_labels: Sequence[np.ndarray] = (), *,
                     config: Optional[FinetuneConfig] = None, progress: ProgressCallback = None,
                     should_stop: Optional[Callable[[], bool]] = None, hooks: Sequence = (),
-                    feature_cache: Optional[dict] = None):
-    """Fine-tune ``segmenter`` in place on 2-D slices in [0, 1]; out-of-memory becomes a TrainingError."""
+                    feature_cache: Optional[dict] = None, feature_store=None):
+    """Fine-tune ``segmenter`` in place on 2-D slices in [0, 1]; out-of-memory becomes a TrainingError.
+    ``feature_store``: a folder (or FeatureStore; "auto": the default folder) for frozen features across runs."""
     from .training import finetune
 
     try:
         return finetune(segmenter, train_images, train_labels, config or finetune_config(), val_images, val_labels,
-                        callback=progress, should_stop=should_stop, feature_cache=feature_cache, hooks=hooks)
+                        callback=progress, should_stop=should_stop, feature_cache=feature_cache, hooks=hooks,
+                        feature_store=open_feature_store(feature_store))
     except RuntimeError as exc:
         if "out of memory" in str(exc).lower():
             raise TrainingError(f"Out of memory: {exc}") from None
         raise
+
+
+def open_feature_store(where):
+    """None/"none"/"off": no store; "auto": the default folder (``MEDSAGA_FEATURE_CACHE=none`` turns it off); a path:
+    that folder; a FeatureStore as is."""
+    if where is None or (isinstance(where, str) and where.strip().lower() in ("none", "off", "")):
+        return None
+    from .training.feature_store import FeatureStore, default_folder
+
+    if isinstance(where, FeatureStore):
+        return where
+    if str(where).strip().lower() == "auto":
+        folder = default_folder()
+        return None if folder.name.lower() in ("none", "off") and len(folder.parts) == 1 else FeatureStore(folder)
+    return FeatureStore(Path(where))
 
 
 @dataclass
@@ -191,6 +208,7 @@ def finetune_volume(
     should_stop: Optional[Callable[[], bool]] = None,
     hooks: Sequence = (),
     feature_cache: Optional[dict] = None,
+    feature_store=None,
     **settings: Any,
 ) -> FinetuneRun:
     """Fine-tune on the annotated slices of a volume and (with ``output``) write the adapted model.
@@ -198,6 +216,8 @@ def finetune_volume(
     ``task`` is a :class:`Task` or an image (path / SimpleITK image) with ``labels``. Training slices:
     ``slices`` (a list or the CLI's text), else ``shots`` evenly spread annotated slices, else all;
     the other annotated slices validate (or ``val_slices``). ``resume`` continues a model file.
+    ``feature_store``: where frozen encoder features are kept between runs (see :func:`open_feature_store`;
+    None, the library default, keeps nothing; ``medsaga finetune`` passes its ``--feature-cache``).
     ``settings`` are :class:`FinetuneConfig` fields (method, steps, lr, rank, ...). Progress events:
     ``start``, then the trainer's, then ``done`` once the model file is written.
     """
@@ -235,7 +255,7 @@ def finetune_volume(
     take = lambda volume, indices: [get_slice(volume, task.axis, i) for i in indices]  # noqa: E731
     result = finetune_slices(segmenter, take(array01, train_idx), take(task.labels, train_idx), take(array01, val_idx),
                              take(task.labels, val_idx), config=config, progress=progress, should_stop=should_stop,
-                             hooks=hooks, feature_cache=feature_cache)
+                             hooks=hooks, feature_cache=feature_cache, feature_store=feature_store)
     training = result.metadata()
     training.update(
         train_slices=train_idx, val_slices=val_idx, labels=task.labels_source, image=task.image_source,
@@ -252,7 +272,8 @@ def finetune_volume(
         emit(event("done", model=str(output), steps=result.steps_done, stopped=result.stopped,
                    best_step=result.best_step, val_dice=result.val_dice, initial_val_dice=result.initial_val_dice,
                    seconds_per_step=round(result.seconds_per_step, 3), seconds=round(result.total_seconds, 1),
-                   decisions=result.decisions, stop_reason=result.stop_reason, warnings=result.warnings))
+                   decisions=result.decisions, stop_reason=result.stop_reason, warnings=result.warnings,
+                   timings={k: round(float(v), 1) for k, v in result.timings.items()}))
     return run
 
 

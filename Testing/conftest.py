@@ -15,6 +15,13 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 TINY_VIT = dict(embed_dim=64, depth=4, num_heads=2, global_attn_indexes=[1, 3])
 
 
+@pytest.fixture(autouse=True)
+def _feature_cache_per_test(tmp_path_factory, monkeypatch):
+    """``medsaga finetune`` keeps frozen features in ~/.cache by default: each test gets its own folder
+    (subprocesses inherit it), so no test reads another's features or writes into the home folder."""
+    monkeypatch.setenv("MEDSAGA_FEATURE_CACHE", str(tmp_path_factory.mktemp("features")))
+
+
 def make_sam_vit_state(native_size: int = 1024, seed: int = 0) -> dict:
     """A state dict shaped like segment_anything's sam_vit_b checkpoint, at a small width and depth."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer

@@ -76,6 +76,11 @@ def test_finetune_json_progress_then_evaluate(tmp_path, tiny_vit_checkpoint, cap
     assert [e["step"] for e in steps] == [1, 2]
     assert describe(steps[-1]).startswith("step 2/2, loss ") and "val Dice" in describe(steps[-1])
     assert describe(events[-1]).startswith("done: 2 steps")
+    # where the time went: set-up, preparing, steps, validation, in the done event and its text
+    timings = events[-1]["timings"]
+    assert {"setup", "prepare_training", "steps", "validation", "total"} <= set(timings)
+    assert timings["validation_passes"] >= 2 and timings["total"] >= timings["steps"] > 0
+    assert "\ntime: setting up " in describe(events[-1]) and " 2 steps " in describe(events[-1])
     assert describe(events[0]).startswith("starting: 2 training slice(s) (1,3), 2 validation slice(s) (2,4), "
                                           "classes bright, dim, method galore, 2 steps")
     meta = read_metadata(out)

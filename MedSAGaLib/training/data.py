@@ -100,11 +100,25 @@ class FewShotSlices:
         for img, lab in zip(self.images, self.labels):
             images.append(img)
             labels.append(lab)
+            if transform is not None:
+                # each slice's copies depend on the seed and that slice alone, so a run with one slice
+                # more (Slicer's correct-and-retrain loop) makes the same copies of the others and finds
+                # their features in the feature store
+                transform.set_random_state(seed=_slice_seed(seed, img, lab))
             for _ in range(copies - 1 if transform is not None else 0):
                 a, b = augment(transform, img, lab)
                 images.append(a)
                 labels.append(b)
         return images, labels
+
+
+def _slice_seed(seed: int, image: torch.Tensor, label: torch.Tensor) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(repr(seed).encode())
+    digest.update(image.contiguous().numpy().tobytes())
+    digest.update(label.contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:4], "little")
 
 
 class BatchSampler:

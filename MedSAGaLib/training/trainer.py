@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..events import event
+from ..events import event, format_timings
 from ..inference import resolve_device
 from ..metrics import dice_per_class, mean_finite
 from ..preprocess import SliceTransform
@@ -53,6 +53,9 @@ class FinetuneResult:
     stopped: bool = False
     seconds_per_step: float = 0.0
     prepare_seconds: float = 0.0
+    # where the time went (seconds): model set-up, training and validation slices prepared (frozen
+    # features computed), optimizer steps, validation passes; see :meth:`time_summary`
+    timings: dict = field(default_factory=dict)
     total_seconds: float = 0.0
     final_loss: float = float("nan")
     train_stages: int = 0
@@ -64,6 +67,10 @@ class FinetuneResult:
     stop_reason: str = ""
     warnings: list = field(default_factory=list)  # classes not learned, with what to paint
     roi: Optional[dict] = None  # the crop box on the input slices, if any
+
+    def time_summary(self) -> str:
+        """Where the time went, as one sentence (``events.format_timings``)."""
+        return format_timings(self.timings, self.steps_done)
 
     @property
     def mean_val_dice(self) -> float:
@@ -87,6 +94,7 @@ class FinetuneResult:
             "stop_reason": self.stop_reason,
             "warnings": list(self.warnings),
             "roi": self.roi,
+            "timings": {k: round(float(v), 1) for k, v in self.timings.items()},
             "config": cfg,
         }
 
@@ -248,6 +256,9 @@ class Trainer:
     :class:`TrainingHook` objects. ``feature_cache``: a dict shared between runs that start from the
     *same pretrained encoder* on the same slices (e.g. a method and its baseline); frozen-prefix
     features computed by one run are reused (or continued to a deeper prefix) by the next.
+    ``feature_store``: a :class:`~MedSAGaLib.training.feature_store.FeatureStore` that keeps those
+    features on disk per slice, keyed by the slice and the frozen weights (``--resume``, Slicer's
+    correct-and-retrain loop); it takes the place of ``feature_cache``.
     """
 
     def __init__(
@@ -262,6 +273,7 @@ class Trainer:
         should_stop: Optional[Callable[[], bool]] = None,
         feature_cache: Optional[dict] = None,
         hooks: Sequence[TrainingHook] = (),
+        feature_store=None,
     ) -> None:
         self.config = config = (config or FinetuneConfig()).validate()
         self.method = get_method(config.method)
@@ -304,6 +316,7 @@ class Trainer:
         self._should_stop = should_stop or (lambda: False)
         self.stop_requested = False
         self.feature_cache = feature_cache
+        self.feature_store = feature_store  # a FeatureStore: frozen-prefix features on disk, across runs
         self.hooks = list(hooks)
         self.budget_hook = None
         if config.steps is None:
@@ -376,7 +389,52 @@ class Trainer:
         self.fire("on_optimizer_built")
 
     # --- data: frozen prefix computed once per (augmented) slice --------------------------------
+    def prefix_identity(self) -> str:
+        """What the frozen prefix's features depend on besides the slice: its weights, depth, normalisation, precision."""
+        from .feature_store import tensors_digest
+
+        split = self.split
+        modules = split._stem() + list(split.frozen_stages) + ([split.encoder.neck] if split.frozen else [])
+        tensors = [t for m in modules for t in m.state_dict().values()]
+        pos = getattr(split.encoder, "pos_embed", None) if split.kind == "vit" else None
+        return tensors_digest(tensors + [self.mean, self.std] + ([pos] if pos is not None else []), split.kind,
+                              split.frozen_depth, split.frozen, str(self.amp_dtype), torch.__version__)
+
+    def stored_prefix_features(self, images: list[torch.Tensor], phase: str) -> torch.Tensor:
+        """Frozen-prefix features through the on-disk store: read what is there, compute and store the rest."""
+        store, split = self.feature_store, self.split
+        identity = self.prefix_identity()
+        keys = [store.key(img, identity) for img in images]
+        feats: list = [store.get(k) for k in keys]
+        shapes = {tuple(f.shape) for f in feats if f is not None}
+        if len(shapes) > 1:  # only a tampered folder can hold two shapes for one prefix: recompute all
+            feats = [None] * len(images)
+        missing = [i for i, f in enumerate(feats) if f is None]
+        reused = len(images) - len(missing)
+        with torch.no_grad(), self.autocast():
+            for j in range(0, len(missing), 2):
+                if self.should_stop():
+                    raise KeyboardInterrupt
+                part = missing[j : j + 2]
+                batch = torch.stack([images[i] for i in part]).to(self.device)
+                for i, out in zip(part, split.prefix((batch - self.mean) / self.std).float().unbind(0)):
+                    feats[i] = out
+                    store.put(keys[i], out)
+                self.emit(event(phase, done=reused + j + len(part), total=len(images), elapsed=self.elapsed()))
+        if not missing:
+            self.emit(event(phase, done=len(images), total=len(images), elapsed=self.elapsed()))
+        if len({tuple(f.shape) for f in feats}) > 1:
+            raise TrainingError(f"The feature cache {store.folder} holds features of another shape; delete it and retry.")
+        if reused:
+            what = "validation" if phase == "prepare-validation" else "training"
+            self.result.decisions.append(
+                f"reused the frozen encoder features of {reused} of {len(images)} {what} slice(s) from an earlier run "
+                f"(feature cache {store.folder})")
+        return torch.stack([f.to(self.device) for f in feats])
+
     def prefix_features(self, images: list[torch.Tensor], phase: str) -> torch.Tensor:
+        if self.feature_store is not None:
+            return self.stored_prefix_features(images, phase)
         split, cache = self.split, self.feature_cache
         stacked = torch.stack(images)
         signature = (phase, len(images), round(float(stacked.sum()), 3), round(float(stacked.square().sum()), 3))
@@ -422,6 +480,9 @@ class Trainer:
         else:
             self.pool_images, self.pool_labels = train.augmented_pool(config.augment_copies, config.augment, config.seed)
             self.pool_feats = self.prefix_features(self.pool_images, "prepare")
+        timings = self.result.timings
+        timings["prepare_slices"] = len(self.pool_images)
+        timings["prepare_training"] = self.elapsed() - timings.get("setup", 0.0)
         val_idx = select_validation(len(self.val_images), config.max_val_slices)
         self.val = FewShotSlices([self.val_images[i] for i in val_idx], [self.val_labels[i] for i in val_idx],
                                  segmenter.image_size)
@@ -430,6 +491,7 @@ class Trainer:
         self.val_feats = (self.prefix_features(self.val.images, "prepare-validation")
                           if (len(self.val) and not split.whole) else None)
         self.result.prepare_seconds = self.elapsed()
+        timings["prepare_validation"] = self.result.prepare_seconds - timings["prepare_training"] - timings.get("setup", 0.0)
 
         from monai.losses import DiceCELoss
 
@@ -461,6 +523,15 @@ class Trainer:
         val = self.val
         if not len(val):
             return {}
+        started = time.perf_counter()
+        try:
+            return self._validate(val)
+        finally:
+            timings = self.result.timings
+            timings["validation"] = timings.get("validation", 0.0) + time.perf_counter() - started
+            timings["validation_passes"] = timings.get("validation_passes", 0) + 1
+
+    def _validate(self, val) -> dict:
         preds, refs = [], []
         with torch.no_grad():
             for i in range(0, len(val), 2):
@@ -529,6 +600,7 @@ class Trainer:
         self.start_time = time.perf_counter()
         torch.manual_seed(config.seed)
         self.setup_model()
+        result.timings["setup"] = self.elapsed()
         step_times: list[float] = []
         try:
             self.prepare_data()
@@ -608,6 +680,8 @@ class Trainer:
         segmenter.eval()
         result.seconds_per_step = float(np.mean(step_times)) if result.steps_done and step_times else 0.0
         result.total_seconds = self.elapsed()
+        result.timings["steps"] = float(np.sum(step_times)) if step_times else 0.0
+        result.timings["total"] = result.total_seconds
 
 
 def finetune(*args: Any, **kwargs: Any) -> FinetuneResult:
