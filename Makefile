@@ -24,7 +24,7 @@ sample-data:
 		|| echo "mricron-data could not be installed: the Colin27/AAL tasks and their tests are skipped"; \
 	else echo "mricron-data not installed (needs apt-get as root): the Colin27/AAL tasks and their tests are skipped"; fi
 
-demo: $(STAMP)
+demo: $(STAMP) sample-data
 	$(PY) -m MedSAGaLib.demo --output demo-output
 
 test: $(STAMP) sample-data
