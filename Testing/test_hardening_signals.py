@@ -36,6 +36,9 @@ WRITER = """
     import os, signal, sys, time
     from MedSAGaLib.fileio import atomic_write
     target, mode = sys.argv[1], sys.argv[2]
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background jobs
+    # (`make test &`) with SIGINT ignored, and an ignored signal has nothing to do after the write
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def write(tmp):
         with open(tmp, "wb") as handle:
