@@ -317,6 +317,7 @@ class Trainer:
         self.stop_requested = False
         self.feature_cache = feature_cache
         self.feature_store = feature_store  # a FeatureStore: frozen-prefix features on disk, across runs
+        self._prefix_identity: Optional[str] = None
         self.hooks = list(hooks)
         self.budget_hook = None
         if config.steps is None:
@@ -403,7 +404,9 @@ class Trainer:
     def stored_prefix_features(self, images: list[torch.Tensor], phase: str) -> torch.Tensor:
         """Frozen-prefix features through the on-disk store: read what is there, compute and store the rest."""
         store, split = self.feature_store, self.split
-        identity = self.prefix_identity()
+        if self._prefix_identity is None:  # the frozen weights do not change: hash them once
+            self._prefix_identity = self.prefix_identity()
+        identity = self._prefix_identity
         keys = [store.key(img, identity) for img in images]
         feats: list = [store.get(k) for k in keys]
         shapes = {tuple(f.shape) for f in feats if f is not None}
