@@ -109,8 +109,9 @@ def run_finetune(args) -> int:
         state = "stopped early at step" if result.stopped else "finished after step"
         print(f"Fine-tuning {state} {result.steps_done}; {result.seconds_per_step:.2f} s/step, "
               f"{result.total_seconds:.0f} s in all.", file=sys.stderr)
-        if result.timings:
-            print(result.time_summary()[0].upper() + result.time_summary()[1:] + ".", file=sys.stderr)
+        summary = result.time_summary()
+        if summary:
+            print(summary[:1].upper() + summary[1:] + ".", file=sys.stderr)
         if result.val_dice:
             print(f"Validation Dice (step {result.best_step}, kept): {format_dice(result.val_dice)}", file=sys.stderr)
             if result.initial_val_dice:

@@ -165,6 +165,7 @@ def realistic_task(name: str, out: Path, device: str, budget: float, steps=None,
 
 
 def normalize_volume(task):
+    """The task's intensities in [0, 1] by the default preprocessing (volume percentiles), as finetune does."""
     from .volume import normalize_with, preprocessing_settings
 
     return normalize_with(task.array, preprocessing_settings(None))
@@ -184,7 +185,6 @@ def main(argv=None) -> int:
     from .metrics import evaluate_labels, mean_finite
     from .samples.mni152 import TISSUE_CLASSES, TISSUE_COLORS, mni152_tissue_labels
     from .slices import get_slice
-    from .volume import normalize_with, preprocessing_settings
     from .workflow import finetune_volume, load_task, new_segmenter, segment_file
 
     out = Path(args.output)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     task = load_task(image, label_image, "axial", classes=TISSUE_CLASSES)
     task.class_colors = list(TISSUE_COLORS)
     task.image_source = "nilearn MNI152 2009 T1 template"
-    array01 = normalize_with(task.array, preprocessing_settings(None))
+    array01 = normalize_volume(task)
     labels, axis, names, colors = task.labels, task.axis, task.class_names, task.class_colors
     annotated = task.annotated
     train_idx = evenly_spread(annotated, args.shots)

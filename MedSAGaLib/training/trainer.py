@@ -390,6 +390,19 @@ class Trainer:
         self.fire("on_optimizer_built")
 
     # --- data: frozen prefix computed once per (augmented) slice --------------------------------
+    def compute_prefix(self, images: list[torch.Tensor], indices: Sequence[int], phase: str, done_before: int = 0):
+        """Frozen-prefix features of ``images[i]`` for ``indices`` in order, computed two at a time with ``phase``
+        progress events; a generator, so a caller can keep each batch before the next (a stop keeps them)."""
+        indices = list(indices)
+        for j in range(0, len(indices), 2):
+            if self.should_stop():
+                raise KeyboardInterrupt
+            with torch.no_grad(), self.autocast():
+                batch = torch.stack([images[i] for i in indices[j : j + 2]]).to(self.device)
+                out = self.split.prefix((batch - self.mean) / self.std).float().unbind(0)
+            self.emit(event(phase, done=done_before + min(j + 2, len(indices)), total=len(images), elapsed=self.elapsed()))
+            yield from out
+
     def prefix_identity(self) -> str:
         """What the frozen prefix's features depend on besides the slice: its weights, depth, normalisation, precision."""
         from .feature_store import tensors_digest
@@ -403,7 +416,7 @@ class Trainer:
 
     def stored_prefix_features(self, images: list[torch.Tensor], phase: str) -> torch.Tensor:
         """Frozen-prefix features through the on-disk store: read what is there, compute and store the rest."""
-        store, split = self.feature_store, self.split
+        store = self.feature_store
         if self._prefix_identity is None:  # the frozen weights do not change: hash them once
             self._prefix_identity = self.prefix_identity()
         identity = self._prefix_identity
@@ -414,16 +427,9 @@ class Trainer:
             feats = [None] * len(images)
         missing = [i for i, f in enumerate(feats) if f is None]
         reused = len(images) - len(missing)
-        with torch.no_grad(), self.autocast():
-            for j in range(0, len(missing), 2):
-                if self.should_stop():
-                    raise KeyboardInterrupt
-                part = missing[j : j + 2]
-                batch = torch.stack([images[i] for i in part]).to(self.device)
-                for i, out in zip(part, split.prefix((batch - self.mean) / self.std).float().unbind(0)):
-                    feats[i] = out
-                    store.put(keys[i], out)
-                self.emit(event(phase, done=reused + j + len(part), total=len(images), elapsed=self.elapsed()))
+        for i, out in zip(missing, self.compute_prefix(images, missing, phase, done_before=reused)):
+            feats[i] = out
+            store.put(keys[i], out)
         if not missing:
             self.emit(event(phase, done=len(images), total=len(images), elapsed=self.elapsed()))
         if len({tuple(f.shape) for f in feats}) > 1:
@@ -455,16 +461,7 @@ class Trainer:
                 feats = torch.cat(feats)
                 cache[(signature, depth)] = feats
                 return feats
-        feats = []
-        with torch.no_grad(), self.autocast():
-            for i in range(0, len(images), 2):
-                if self.should_stop():
-                    raise KeyboardInterrupt
-                batch = torch.stack(images[i : i + 2]).to(self.device)
-                out = split.prefix((batch - self.mean) / self.std).float()
-                feats.extend(out.unbind(0))
-                self.emit(event(phase, done=min(i + 2, len(images)), total=len(images), elapsed=self.elapsed()))
-        feats = torch.stack(feats)
+        feats = torch.stack(list(self.compute_prefix(images, range(len(images)), phase)))
         if cache is not None:
             cache[(signature, depth)] = feats
         return feats
