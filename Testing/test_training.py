@@ -149,6 +149,28 @@ def test_partial_stages_train_only_the_last_stages(tiny):
     assert any(not torch.equal(last[n], p) for n, p in blocks[-1].state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["galore-layerwise", "full"])
+def test_qkv_layers_train_only_what_lora_adapts(tiny, method):
+    """``encoder_layers="qkv"`` (bench memory's equal terms with LoRA): the fused q/k/v weights train, nothing
+    else of the encoder does, and GaLore projects exactly those weights."""
+    images, labels = phantom_slices()
+    encoder = tiny.image_encoder
+    before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    result = finetune(tiny, images, labels, quick(method=method, train_stages=4, encoder_layers="qkv"))
+    changed = {n for n, p in encoder.named_parameters() if not torch.equal(before[n], p)}
+    qkv = {n for n in before if n.endswith("attn.qkv.weight")}
+    assert changed == qkv
+    assert result.trainable_parameters - sum(before[n].numel() for n in qkv) == sum(
+        p.numel() for p in list(tiny.mask_decoder.parameters()) + [tiny.prompt_encoder.no_mask_embed.weight])
+    assert result.galore_parameters == (sum(before[n].numel() for n in qkv) if method.startswith("galore") else 0)
+
+
+def test_unknown_encoder_layers_are_refused(tiny):
+    images, labels = phantom_slices()
+    with pytest.raises(TrainingError, match="encoder layers"):
+        finetune(tiny, images, labels, quick(encoder_layers="mlp"))
+
+
 def test_encoder_split_reproduces_the_encoder(tiny):
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():

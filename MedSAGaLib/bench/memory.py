@@ -39,9 +39,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .common import MB, emit_json, machine_info, proc_status_kb, reset_peak_rss, run_worker, set_threads, write_json
+from ..training.config import ENCODER_LAYERS
 from ..training.methods import METHODS
 
 # (model, image size) pairs of the issue; vit_b uses random weights (memory does not depend on them).
@@ -114,6 +115,7 @@ def measure(
     classes: int = 2,
     pretrained: Optional[bool] = None,
     vit_spec: Optional[dict] = None,
+    encoder_layers: str = "all",
 ) -> dict:
     """One measurement in *this* process (call it from a fresh one: see :func:`run_measurement`)."""
     import torch
@@ -154,6 +156,7 @@ def measure(
         checkpointing=checkpointing,
         precision=precision,
         device=device,
+        encoder_layers=encoder_layers if method in ("galore", "galore-layerwise", "full") else "all",
     )
     config.validate()
     dev = torch.device(device)
@@ -275,6 +278,7 @@ def measure(
         rank=rank if method.startswith("galore") else None,
         lora_rank=config.lora_rank if method == "lora" else None,
         train_stages=result.train_stages,
+        encoder_layers=config.encoder_layers,
         trainable_parameters=result.trainable_parameters,
         galore_parameters=result.galore_parameters,
         seconds=seconds,
@@ -285,18 +289,26 @@ def measure(
     return record
 
 
-def label(method: str, checkpointing: bool, rank: Optional[int] = None) -> str:
+def label(method: str, checkpointing: bool, rank: Optional[int] = None, layers: str = "all") -> str:
     rank_part = f" r{rank}" if rank and method.startswith("galore") else ""
-    return method + rank_part + ("+ckpt" if checkpointing else "")
+    layers_part = " [qkv]" if layers == "qkv" and method != "lora" else ""
+    return method + rank_part + layers_part + ("+ckpt" if checkpointing else "")
 
 
 def row_label(r: dict) -> str:
-    return label(r.get("method", "?"), r.get("checkpointing", False), r.get("rank"))
+    return label(r.get("method", "?"), r.get("checkpointing", False), r.get("rank"), r.get("encoder_layers", "all"))
 
 
-def worker_args(model: str, size: Optional[int], method: str, ckpt: bool, args, rank: Optional[int] = None) -> list[str]:
+def layer_choices(method: str, layers: Sequence[str]) -> list[str]:
+    """The ``--encoder-layers`` settings that differ for ``method`` (LoRA and decoder-only have one)."""
+    return ["all"] if method in ("lora", "decoder") else list(layers)
+
+
+def worker_args(model: str, size: Optional[int], method: str, ckpt: bool, args, rank: Optional[int] = None,
+                layers: str = "all") -> list[str]:
     out = ["--model", model, "--method", method, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-           "--precision", args.precision, "--rank", str(rank or args.rank), "--device", args.device, "--threads", str(args.threads)]
+           "--precision", args.precision, "--rank", str(rank or args.rank), "--device", args.device, "--threads", str(args.threads),
+           "--encoder-layers", layers]
     if size:
         out += ["--image-size", str(size)]
     if ckpt:
@@ -309,11 +321,11 @@ def worker_args(model: str, size: Optional[int], method: str, ckpt: bool, args, 
 
 
 def run_measurement(model: str, size: Optional[int], method: str, ckpt: bool, args, timeout: Optional[float] = None,
-                    rank: Optional[int] = None) -> dict:
+                    rank: Optional[int] = None, layers: str = "all") -> dict:
     """Fresh processes for one configuration. On CPU the allocator tracker (torch.profiler) costs
     hundreds of MB of resident memory itself, so it runs in a second fresh process and only its
     tracker figure is kept; every other figure comes from a process without the profiler."""
-    base = worker_args(model, size, method, ckpt, args, rank)
+    base = worker_args(model, size, method, ckpt, args, rank, layers)
     cpu = not str(args.device).startswith("cuda")
     use_tracker = not getattr(args, "no_tracker", False)
     plain = run_worker("MedSAGaLib.bench.memory", base + (["--no-tracker"] if cpu and use_tracker else []), timeout=timeout)
@@ -419,24 +431,27 @@ def run_sweep(args) -> dict:
     if getattr(args, "resume", False) and (out / f"{args.name}.json").exists():
         # Keep the finished measurements of an interrupted sweep; measure only what is missing.
         results = [r for r in json.loads((out / f"{args.name}.json").read_text(encoding="utf-8")).get("results", []) if "error" not in r]
-        done = {(r["model"], r["image_size"], r["method"], r["checkpointing"], r.get("rank")) for r in results}
+        done = {(r["model"], r["image_size"], r["method"], r["checkpointing"], r.get("rank"), r.get("encoder_layers", "all"))
+                for r in results}
+    variants = [(m, c, r, layers) for m, c, r in variants for layers in layer_choices(m, args.encoder_layers)]
     for spec in args.models:
         model, size = parse_model(spec)
-        for method, ckpt, rank in variants:
+        for method, ckpt, rank, layers in variants:
             if method == "decoder" and ckpt:
                 continue  # the frozen encoder runs without gradients: nothing to checkpoint
             key_rank = (rank or args.rank) if method.startswith("galore") else None
-            if any((model, k, method, ckpt, key_rank) in done for k in (size, size or 256)):
+            if any((model, k, method, ckpt, key_rank, layers) in done for k in (size, size or 256)):
                 continue
             t0 = time.perf_counter()
-            res = run_measurement(model, size, method, ckpt, args, timeout=args.timeout, rank=rank)
+            res = run_measurement(model, size, method, ckpt, args, timeout=args.timeout, rank=rank, layers=layers)
             res.setdefault("model", model)
             res.setdefault("image_size", size)
             res.setdefault("method", method)
             res.setdefault("checkpointing", ckpt)
+            res.setdefault("encoder_layers", layers)
             results.append(res)
             status = res.get("error") or f"tracker {_mb(res.get('tracker_peak'))} MB, RSS +{_mb(res.get('rss_peak'))} MB"
-            print(f"[bench memory] {model} {size or ''} {label(method, ckpt, rank)}: {status} ({time.perf_counter() - t0:.0f} s)",
+            print(f"[bench memory] {model} {size or ''} {label(method, ckpt, rank, layers)}: {status} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
             payload = {"benchmark": "memory", "settings": _settings(args), "results": results}
             write_json(out / f"{args.name}.json", payload)
@@ -447,7 +462,7 @@ def run_sweep(args) -> dict:
 
 def _settings(args) -> dict:
     return {k: getattr(args, k, None) for k in ("batch_size", "steps", "precision", "rank", "extra_ranks", "device", "threads",
-                                                "train_stages")}
+                                                "train_stages", "encoder_layers")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -465,6 +480,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-ranks", type=int, nargs="*", default=[],
                         help="also measure the GaLore methods at these ranks (e.g. 32 8)")
     parser.add_argument("--train-stages", type=int, default=None, help="encoder stages trained (default: all 4)")
+    parser.add_argument("--encoder-layers", nargs="+", choices=ENCODER_LAYERS, default=["all"],
+                        help="galore and full: train all weights of the trained stages, or only the q/k/v projections "
+                             "LoRA adapts ('qkv': equal terms with LoRA); several values measure each")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
@@ -489,7 +507,7 @@ def main(argv=None) -> int:
         try:
             emit_json(measure(args.model, args.image_size, args.method, args.checkpointing, args.batch_size, args.steps,
                               args.precision, args.rank, args.train_stages, args.device, not args.no_tracker,
-                              vit_spec=spec))
+                              vit_spec=spec, encoder_layers=args.encoder_layers[0]))
         except Exception as exc:  # reported to the parent as data
             emit_json({"error": f"{type(exc).__name__}: {exc}", "model": args.model, "image_size": args.image_size,
                        "method": args.method, "checkpointing": args.checkpointing})

@@ -29,10 +29,10 @@ def _load(folder: Path, pattern: str) -> list[tuple[Path, dict]]:
     return out
 
 
-def _find(results: list[dict], model: str, size: int, method: str, ckpt: bool, rank=None) -> Optional[dict]:
+def _find(results: list[dict], model: str, size: int, method: str, ckpt: bool, rank=None, layers: str = "all") -> Optional[dict]:
     for r in results:
         if (r.get("model"), r.get("image_size"), r.get("method"), r.get("checkpointing")) == (model, size, method, ckpt) \
-                and "error" not in r and (rank is None or r.get("rank") == rank):
+                and "error" not in r and (rank is None or r.get("rank") == rank) and r.get("encoder_layers", "all") == layers:
             return r
     return None
 
@@ -156,13 +156,24 @@ def targets_section(folder: Path) -> list[str]:
             if not (full and full.get("tracker_peak")):
                 continue
             where = f"{model} {size} px, {full['device']}, `{path.name}`"
+            stages = f"{full.get('train_stages')} of 4 encoder stages trained"
+            for r in ok:
+                if (r["model"], r["image_size"], r["method"], r["checkpointing"]) != (model, size, "galore-layerwise", True) \
+                        or not r.get("tracker_peak") or r.get("encoder_layers", "all") != "qkv" or not lora \
+                        or not lora.get("tracker_peak"):
+                    continue
+                to_lora, to_full = r["tracker_peak"] / lora["tracker_peak"], r["tracker_peak"] / full["tracker_peak"]
+                lines.append(f"| {row_label(r)} (GaLore on the layers LoRA adapts) peak <= 1.0x lora+ckpt and <= 0.25x full "
+                             f"({where}, {stages}) | {to_lora:.2f}x LoRA ({r['tracker_peak'] / MB:,.0f} / "
+                             f"{lora['tracker_peak'] / MB:,.0f} MB), {to_full:.2f}x full "
+                             f"| {'met' if to_lora <= 1.0 and to_full <= 0.25 else 'missed'} |")
             if glw and glw.get("tracker_peak"):
                 for r in ok:
                     if (r["model"], r["image_size"], r["method"], r["checkpointing"]) != (model, size, "galore-layerwise", True) \
-                            or not r.get("tracker_peak"):
+                            or not r.get("tracker_peak") or r.get("encoder_layers", "all") != "all":
                         continue
                     ratio = r["tracker_peak"] / full["tracker_peak"]
-                    lines.append(f"| galore-layerwise+ckpt peak <= 0.34x full ({where}, GaLore rank {r.get('rank')}) "
+                    lines.append(f"| galore-layerwise+ckpt peak <= 0.34x full ({where}, GaLore rank {r.get('rank')}, {stages}) "
                                  f"| {ratio:.2f}x ({r['tracker_peak'] / MB:,.0f} / {full['tracker_peak'] / MB:,.0f} MB) "
                                  f"| {'met' if ratio <= 0.34 else 'missed'} |")
                 if lora and lora.get("tracker_peak"):

@@ -9,6 +9,7 @@ from .methods import METHODS  # noqa: F401 (re-exported)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENCODER_LAYERS = ("all", "qkv")
 
 
 class TrainingError(ValueError):
@@ -53,6 +54,9 @@ class FinetuneConfig:
     lora_alpha: float = 4.0
     # what trains, and how much of the encoder is cached
     train_stages: Optional[int] = None
+    # which weights of the trained stages train (galore, full): "all", or "qkv": only the fused q/k/v projection
+    # of each attention block, the layers LoRA adapts (bench memory's equal-terms rows)
+    encoder_layers: str = "all"
     # loss
     dice_weight: float = 0.8
     ce_weight: float = 0.2
@@ -85,6 +89,8 @@ class FinetuneConfig:
             raise TrainingError("--time-budget must be a positive number of seconds.")
         if self.max_steps < 1 or self.patience < 1:
             raise TrainingError("max_steps and patience must be at least 1.")
+        if self.encoder_layers not in ENCODER_LAYERS:
+            raise TrainingError(f"Unknown encoder layers {self.encoder_layers!r}; choose one of {', '.join(ENCODER_LAYERS)}.")
         if self.class_weighting not in ("none", "balanced"):
             raise TrainingError(f"Unknown class weighting {self.class_weighting!r}; choose none or balanced.")
         if self.crop not in ("auto", "on", "off"):

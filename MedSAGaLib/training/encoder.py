@@ -78,6 +78,10 @@ class EncoderSplit:
             mods = self._stem() + mods
         return mods
 
+    def trainable_attention_blocks(self) -> list[nn.Module]:
+        """Blocks of the trainable stages whose ``.attn.qkv`` is the fused q/k/v projection (LoRA's targets)."""
+        return [m for stage in self.trainable_stages for m in stage.modules() if hasattr(m, "attn") and hasattr(m.attn, "qkv")]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [p for m in self.trainable_modules() for p in m.parameters()]
         if self.whole and self.kind == "vit" and getattr(self.encoder, "pos_embed", None) is not None:

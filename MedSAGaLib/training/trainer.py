@@ -225,21 +225,27 @@ def parameter_groups(method: Method, segmenter: nn.Module, split: EncoderSplit, 
     galore_weights: list[nn.Parameter] = []
     wrapped: list[LoRAQKV] = []
     if method.encoder in ("galore", "adamw"):
-        enc_params = split.trainable_parameters()
+        if config.encoder_layers == "qkv":  # the layers LoRA adapts: a comparison on equal terms
+            qkv = [blk.attn.qkv for blk in split.trainable_attention_blocks()]
+            if not qkv:
+                raise TrainingError("The trained encoder stages hold no attention block; train more stages or use all layers.")
+            enc_params, trained_modules = [m.weight for m in qkv], qkv
+        else:
+            enc_params, trained_modules = split.trainable_parameters(), split.trainable_modules()
         for p in enc_params:
             p.requires_grad_(True)
         if method.encoder == "adamw":
             groups.append(dict(params=enc_params, lr=enc_lr, weight_decay=config.weight_decay, name="encoder"))
         else:
-            galore_weights = linear_weights(split.trainable_modules())
+            galore_weights = linear_weights(trained_modules)
             ids = {id(w) for w in galore_weights}
             gal, notes = galore_groups(galore_weights, config, enc_lr)
             groups.extend(gal)
             rest = [p for p in enc_params if id(p) not in ids]
-            groups.append(dict(params=rest, lr=enc_lr, weight_decay=config.weight_decay, name="encoder_other"))
+            if rest:
+                groups.append(dict(params=rest, lr=enc_lr, weight_decay=config.weight_decay, name="encoder_other"))
     elif method.encoder == "lora":
-        blocks = [m for stage in split.trainable_stages for m in stage.modules() if hasattr(m, "attn") and hasattr(m.attn, "qkv")]
-        wrapped = apply_lora(segmenter.image_encoder, config.lora_rank, config.lora_alpha, blocks=blocks)
+        wrapped = apply_lora(segmenter.image_encoder, config.lora_rank, config.lora_alpha, blocks=split.trainable_attention_blocks())
         if not wrapped:
             raise TrainingError("LoRA found no attention block in the trained encoder stages.")
         groups.append(dict(params=lora_parameters(wrapped), lr=enc_lr, weight_decay=config.weight_decay, name="lora"))
