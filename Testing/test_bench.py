@@ -72,6 +72,18 @@ def test_memory_reports(measured, tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_equal_terms_rows_are_labelled_and_measured_apart():
+    """The qkv rows (GaLore on LoRA's layers) carry their own label and resume key; LoRA has one row."""
+    assert memory.label("galore-layerwise", True, 32, "qkv") == "galore-layerwise r32 [qkv]+ckpt"
+    assert memory.label("lora", True, None, "qkv") == "lora+ckpt"
+    assert memory.layer_choices("lora", ["all", "qkv"]) == ["all"]
+    assert memory.layer_choices("full", ["all", "qkv"]) == ["all", "qkv"]
+    qkv = _worker("galore-layerwise", ("--encoder-layers", "qkv"))
+    assert qkv["encoder_layers"] == "qkv"
+    per_block = TINY_VIT["embed_dim"] * 3 * TINY_VIT["embed_dim"]
+    assert qkv["galore_parameters"] == TINY_VIT["depth"] * per_block
+
+
 def test_checkpointing_reduces_saved_activations(measured):
     plain = measured["full"]
     ckpt = measured["full+ckpt"]
@@ -208,6 +220,33 @@ def test_report_rewrites_only_the_results_section(measured, tmp_path):
     assert "No speed benchmark" in text
 
 
+def test_equal_terms_target_compares_galore_on_loras_layers_with_lora(tmp_path):
+    from MedSAGaLib.bench import report
+    from MedSAGaLib.bench.common import write_json
+
+    def row(method, ckpt, peak_mb, layers="all", rank=None):
+        return dict(model="litemedsam", image_size=256, method=method, checkpointing=ckpt, tracker_peak=peak_mb * 2**20,
+                    device="cpu", rank=rank, encoder_layers=layers, train_stages=4)
+
+    rows = [row("full", False, 2000), row("lora", True, 300), row("galore-layerwise", True, 290, "qkv", 128),
+            row("galore-layerwise", True, 700, "all", 128)]
+    write_json(tmp_path / "memory_x.json", {"settings": {"rank": 128}, "results": rows})
+    text = "\n".join(report.targets_section(tmp_path))
+    assert "| galore-layerwise r128 [qkv]+ckpt (GaLore on the layers LoRA adapts)" in text
+    assert "0.97x LoRA (290 / 300 MB), 0.14x full | met |" in text
+    assert "0.35x (700 / 2,000 MB) | missed |" in text  # the all-layers row keeps its own target
+    rows[2]["tracker_peak"] = 310 * 2**20
+    write_json(tmp_path / "memory_x.json", {"settings": {"rank": 128}, "results": rows})
+    assert "1.03x LoRA (310 / 300 MB), 0.15x full | missed |" in "\n".join(report.targets_section(tmp_path))
+    for r in rows:  # a file of the CPU default (the last stage): full trains that stage only, so LoRA decides
+        r["train_stages"] = 1
+    rows[2]["tracker_peak"] = 300 * 2**20
+    write_json(tmp_path / "memory_x.json", {"settings": {"rank": 128}, "results": rows})
+    text = "\n".join(report.targets_section(tmp_path))
+    assert "peak <= 1.0x lora+ckpt (litemedsam 256 px" in text
+    assert "1.00x LoRA (300 / 300 MB), 0.15x full (full trains the same stages here) | met |" in text
+
+
 def test_quality_run_chooses_a_setting_on_validation_and_resume_reruns_only_stale_runs(tmp_path):
     """The real benchmark, tiny: LiteMedSAM, 1 shot, 2 steps, a 2-value scale search on validation slices."""
     from MedSAGaLib.bench import quality as quality_module
@@ -238,3 +277,22 @@ def test_quality_run_chooses_a_setting_on_validation_and_resume_reruns_only_stal
     assert rows2["decoder"]["total_seconds"] == rows["decoder"]["total_seconds"]  # kept, not retrained
     assert len(second["setting_search"]) == 2  # the trial for `other` was reused, not rerun
     assert (tmp_path / "q.md").read_text(encoding="utf-8").count("| galore-layerwise | scale") == 2
+
+
+def test_backend_speed_report_states_the_f32_floor_of_the_machine():
+    """``bench speed --backends`` compares with what the CPU can do at all: the model's FLOPs over its matmul peak."""
+    from MedSAGaLib.bench.speed import backends_markdown
+
+    def row(backend, total):
+        return dict(model="litemedsam", image_size=256, backend=backend, threads=2, total_min=total, total_median=total,
+                    cpu_total_min=2 * total, encoder_min=total, decoder_min=0.1, boxes_1_min=total,
+                    max_abs_logit_diff=0.0, argmax_agreement=1.0, load_average_before=(1.0,), load_average_after=(1.0,),
+                    flops_per_slice=80e9, matmul_flops=100e9)
+
+    payload = dict(machine=dict(cpu="AMD EPYC", cpu_count=2, torch="2.x"), cpu_flags=["avx2"], openvino="2026",
+                   command="medsaga bench speed --backends", settings=dict(repeats=1, box_counts=[1]),
+                   backends=[row("torch-fast", 2.0), row("openvino", 1.0)])
+    text = backends_markdown(payload)
+    assert "OpenVINO f32 is 2.00x the fast path's speed" in text and "target <= 0.45 s missed" in text
+    assert "(100 GFLOP/s at 2 threads) that alone takes 0.80 s" in text and "80.0 GFLOP per slice" in text
+    assert "0.45 s would need 178 GFLOP/s (OpenVINO ran at 80% of the matmul rate)" in text

@@ -37,7 +37,7 @@ def log(message: str) -> None:
     print(f"[bench speed {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def matmul_throughput(size: int = 2048, repeats: int = 5) -> float:
+def matmul_throughput(size: int = 2048, repeats: int = 20) -> float:
     """Best fp32 matmul FLOP/s of this process at its thread count."""
     import torch
 
@@ -183,9 +183,13 @@ def bench_backends(model: str, backends, threads_list, repeats: int, box_counts)
     seg = ClassSegmenter.from_base(base_model, ["grey_matter", "white_matter"]).eval()
     transform = SliceTransform(seg.image_size)
     image = transform.to_model(slice01)[None]
+    with torch.inference_mode():
+        flops = count_flops(lambda: seg(image))  # encoder + decoder, one slice
     rows = []
     for threads in threads_list:
         set_threads(threads)
+        peak = matmul_throughput()  # what this CPU can do at all at f32: the floor any backend's time sits above
+        log(f"fp32 matmul: {peak / 1e9:.0f} GFLOP/s at {threads} thread(s); the model needs {flops / 1e9:.1f} GFLOP per slice")
         runners, box_runners = {}, {}
         for name in backends:
             backend, fast = {"torch-plain": ("torch", False), "torch-fast": ("torch", True), "openvino": ("openvino", True)}[name]
@@ -220,6 +224,7 @@ def bench_backends(model: str, backends, threads_list, repeats: int, box_counts)
             record = times[name]
             row = dict(model=model, image_size=seg.image_size, backend=name, threads=threads, repeats=repeats,
                        description=runners[name].description,
+                       flops_per_slice=flops, matmul_flops=peak,
                        max_abs_logit_diff=float((out - reference).abs().max()),
                        argmax_agreement=float((out.argmax(1) == reference.argmax(1)).float().mean()),
                        load_average_before=load_before, load_average_after=load_after, runs=record)
@@ -262,10 +267,17 @@ def backends_markdown(payload: dict) -> str:
                          f"{fast['total_median'] / ov['total_median']:.2f}x by median): target >= 1.5x "
                          f"{'met' if ratio >= 1.5 else 'missed'}.")
             if threads == 2:
+                floor = ""
+                if ov.get("matmul_flops") and ov.get("flops_per_slice"):
+                    floor = (f" The model needs {ov['flops_per_slice'] / 1e9:.1f} GFLOP per slice; at this CPU's best fp32 "
+                             f"matmul rate in this run ({ov['matmul_flops'] / 1e9:.0f} GFLOP/s at 2 threads) that alone takes "
+                             f"{ov['flops_per_slice'] / ov['matmul_flops']:.2f} s, and 0.45 s would need "
+                             f"{ov['flops_per_slice'] / 0.45 / 1e9:.0f} GFLOP/s (OpenVINO ran at "
+                             f"{100 * ov['flops_per_slice'] / ov['matmul_flops'] / ov['total_min']:.0f}% of the matmul rate).")
                 lines.append(f"- 2 threads: OpenVINO encoder+decoder {ov['total_min']:.3f} s/slice (min), "
                              f"{ov['total_median']:.3f} s (median): target <= 0.45 s "
                              f"{'met' if ov['total_min'] <= 0.45 else 'missed'} in this run (load average "
-                             f"{ov['load_average_before'][0]:.1f}; {ov['cpu_total_min']:.3f} CPU-s per slice).")
+                             f"{ov['load_average_before'][0]:.1f}; {ov['cpu_total_min']:.3f} CPU-s per slice).{floor}")
     return "\n".join(lines) + "\n"
 
 
