@@ -78,9 +78,9 @@ def format_value(dest: str, value: Any) -> str:
 
 
 def _methods() -> Sequence[str]:
-    from .training.config import METHODS
+    from .training.config import AUTO, METHODS
 
-    return METHODS
+    return (AUTO,) + METHODS
 
 
 _DEFAULTS = FinetuneConfig()
@@ -107,7 +107,8 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
     Option(("--shots",), "shots", "use N annotated slices, evenly spread", type=int),
     Option(("--classes",), "classes", "class names: rename the label values 1..k in order, or pick segments "
            "of a .seg.nrrd by name", nargs="+"),
-    Option(("--method",), "method", f"training method (default {_DEFAULTS.method})", choices=_methods,
+    Option(("--method",), "method", "training method (default auto: decoder-only on a CPU when the painted structures "
+           "are small enough to crop to, galore otherwise; measured in docs/results/NOTES.md)", choices=_methods,
            default=_DEFAULTS.method),
     Option(("--base",), "base", "base model (default litemedsam)", choices=BASE_MODEL_NAMES),
     CHECKPOINT,

@@ -165,6 +165,31 @@ def test_qkv_layers_train_only_what_lora_adapts(tiny, method):
     assert result.galore_parameters == (sum(before[n].numel() for n in qkv) if method.startswith("galore") else 0)
 
 
+def test_auto_method_trains_the_decoder_on_small_structures_on_a_cpu(tiny):
+    """The product default (``method="auto"``): cropped (small) structures on a CPU train decoder-only and say so;
+    uncropped ones train GaLore. Either way the model file records the method that ran, never "auto"."""
+    from MedSAGaLib.training.methods import choose_method
+
+    assert choose_method("cpu", True)[0] == "decoder" and choose_method("cpu", False)[0] == "galore"
+    assert choose_method("cuda", True)[0] == "galore"
+    size = 64
+    yy, xx = np.mgrid[0:size, 0:size]
+    images, labels = [], []
+    for i in range(2):  # two small discs (classes 1 and 2) near the middle: the run crops to them
+        left, right = ((xx - 27) ** 2 + (yy - 30 - i) ** 2 < 16), ((xx - 37) ** 2 + (yy - 30 - i) ** 2 < 16)
+        images.append(np.clip(0.1 + 0.7 * left + 0.4 * right, 0, 1).astype(np.float32))
+        labels.append((left + 2 * right).astype(np.uint8))
+    seg = tiny
+    before = {n: p.detach().clone() for n, p in seg.image_encoder.named_parameters()}
+    result = finetune(seg, images, labels, quick(method="auto", steps=1))
+    assert result.config["method"] == "decoder" and result.train_stages == 0
+    assert any(d.startswith("method decoder-only (auto): small structures on a CPU") for d in result.decisions)
+    assert all(torch.equal(before[n], p) for n, p in seg.image_encoder.named_parameters())
+    result = finetune(seg, images, labels, quick(method="auto", steps=1, crop="off"))
+    assert result.config["method"] == "galore" and result.train_stages >= 1
+    assert "method galore (auto): the painted structures fill most of the slice" in result.decisions
+
+
 def test_unknown_encoder_layers_are_refused(tiny):
     images, labels = phantom_slices()
     with pytest.raises(TrainingError, match="encoder layers"):

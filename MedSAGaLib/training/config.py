@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from .methods import METHODS  # noqa: F401 (re-exported)
+from .methods import AUTO, METHODS  # noqa: F401 (re-exported)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -26,7 +26,9 @@ class FinetuneConfig:
     is what makes encoder fine-tuning affordable on a CPU. ``None`` picks the method's default.
     """
 
-    method: str = "galore"
+    # "auto": decoder-only on a CPU when the painted structures are small enough to crop to, else galore
+    # (training.methods.choose_method, measured in docs/results/NOTES.md)
+    method: str = AUTO
     # None: the data decide (train until the held-out painted slices stop improving, within ``time_budget``
     # seconds and ``max_steps``); a number: exactly that many steps
     steps: Optional[int] = None
@@ -81,8 +83,8 @@ class FinetuneConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "FinetuneConfig":
-        if self.method not in METHODS:
-            raise TrainingError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.method not in METHODS + (AUTO,):
+            raise TrainingError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS + (AUTO,))}.")
         if self.steps is not None and self.steps < 1:
             raise TrainingError("--steps must be at least 1.")
         if not self.time_budget > 0:

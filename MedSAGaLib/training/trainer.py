@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -33,7 +33,7 @@ from .distributed import DistributedTraining
 from .data import BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, select_validation
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
 from .lora import LoRAQKV, apply_lora, lora_parameters, merge_lora
-from .methods import Method, get_method
+from .methods import AUTO, Method, choose_method, get_method
 from .optim import build_optimizer, count, galore_groups, linear_weights, lr_factor
 
 # Stages trained by default (of 4), by measurement on a shared 2-core CPU (LiteMedSAM, batch 2):
@@ -282,7 +282,6 @@ class Trainer:
         feature_store=None,
     ) -> None:
         self.config = config = (config or FinetuneConfig()).validate()
-        self.method = get_method(config.method)
         self.segmenter = segmenter
         self.num_classes = segmenter.num_classes
         check_training_data(images01, labels, self.num_classes, getattr(segmenter, "class_names", None))
@@ -308,6 +307,12 @@ class Trainer:
             self.val_images = [roi.crop(x) for x in self.val_images]
             self.val_labels = [roi.crop(x) for x in self.val_labels]
         self.images01, self.labels = images01, labels
+        if config.method == AUTO:  # the product default: the method that did best on tasks like this one
+            name, why = choose_method(resolve_device(config.device).type, roi is not None)
+            self.config = config = replace(config, method=name)
+            self.result.config["method"] = name
+            self.result.decisions.append(why)
+        self.method = get_method(config.method)
         self.total_steps = config.steps if config.steps is not None else config.max_steps
         # under torchrun: join the process group; rank 0 alone validates and reports (None in one process)
         self.ddp = DistributedTraining.from_environment(config.method, config.device)

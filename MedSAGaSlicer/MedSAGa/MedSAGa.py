@@ -32,7 +32,7 @@ from slicer.util import VTKObservationMixin
 from MedSAGaBridgeLib import BridgeError, support
 
 BASE_MODELS = ["litemedsam", "vit_b", "vit_l", "vit_h"]
-METHODS = ["galore", "galore-layerwise", "lora", "full", "decoder"]
+METHODS = ["auto", "galore", "galore-layerwise", "lora", "full", "decoder"]  # auto: the library picks per task
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 AXES = ["auto", "axial", "coronal", "sagittal"]
 MODEL_SUFFIX = ".medsaga"
@@ -189,7 +189,7 @@ class MedSAGaParameterNode:
     excludedSlices: str = ""  # comma-separated annotated slices the user unticked
     baseModel: Annotated[str, Choice(BASE_MODELS)] = "litemedsam"
     checkpoint: str = ""
-    method: Annotated[str, Choice(METHODS)] = "galore"
+    method: Annotated[str, Choice(METHODS)] = "auto"  # as `medsaga finetune` (a test pins it)
     rank: Annotated[int, WithinRange(1, 1024)] = 32
     updateProjGap: Annotated[int, WithinRange(1, 100000)] = 50
     scale: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
