@@ -172,6 +172,8 @@ def test_auto_method_trains_the_decoder_on_small_structures_on_a_cpu(tiny):
 
     assert choose_method("cpu", True)[0] == "decoder" and choose_method("cpu", False)[0] == "galore"
     assert choose_method("cuda", True)[0] == "galore"
+    # stages asked for by the user decide: they want the encoder trained (or, with 0, frozen)
+    assert choose_method("cpu", True, train_stages=2)[0] == "galore" and choose_method("cuda", False, 0)[0] == "decoder"
     size = 64
     yy, xx = np.mgrid[0:size, 0:size]
     images, labels = [], []

@@ -46,15 +46,20 @@ METHODS = tuple(METHOD_REGISTRY)
 AUTO = "auto"
 
 
-def choose_method(device_type: str, cropped: bool) -> tuple[str, str]:
+def choose_method(device_type: str, cropped: bool, train_stages: int | None = None) -> tuple[str, str]:
     """What ``method="auto"`` trains, and why, as a sentence.
 
     Measured (docs/results/NOTES.md, "Realistic tasks"; 240 s budget, 2 CPU threads): a GaLore step costs
     about 3.4 s on a CPU and a decoder-only step about 1 s, so in the time budget decoder-only takes 3-4x
     the steps. Where the painted structures are small (the run crops to them) that wins: colin27_aal 0.50
     against 0.35-0.46 mean Dice, colin27_aal_lr 0.37 against 0.05. Where they fill the slice GaLore wins
-    (MNI152 GM/WM 0.90 against 0.81), and on a GPU its steps are cheap.
+    (MNI152 GM/WM 0.90 against 0.81), and on a GPU its steps are cheap. ``train_stages`` given by the user
+    decides instead: encoder stages to train mean GaLore, 0 means decoder-only.
     """
+    if train_stages is not None:
+        if train_stages > 0:
+            return "galore", f"method galore (auto): {train_stages} encoder stage(s) to train were asked for"
+        return "decoder", "method decoder-only (auto): no encoder stage to train was asked for"
     if device_type == "cpu" and cropped:
         return "decoder", ("method decoder-only (auto): small structures on a CPU, where a GaLore step costs about 3x "
                            "a decoder step and fewer steps fit in the time budget; --method galore trains the encoder too")

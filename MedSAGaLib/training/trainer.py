@@ -308,7 +308,7 @@ class Trainer:
             self.val_labels = [roi.crop(x) for x in self.val_labels]
         self.images01, self.labels = images01, labels
         if config.method == AUTO:  # the product default: the method that did best on tasks like this one
-            name, why = choose_method(resolve_device(config.device).type, roi is not None)
+            name, why = choose_method(resolve_device(config.device).type, roi is not None, config.train_stages)
             self.config = config = replace(config, method=name)
             self.result.config["method"] = name
             self.result.decisions.append(why)
