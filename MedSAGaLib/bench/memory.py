@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 
 from .common import MB, emit_json, machine_info, proc_status_kb, reset_peak_rss, run_worker, set_threads, write_json
 from ..training.config import ENCODER_LAYERS
-from ..training.methods import METHODS
+from ..training.methods import METHODS, get_method
 
 # (model, image size) pairs of the issue; vit_b uses random weights (memory does not depend on them).
 DEFAULT_MODELS = ("litemedsam:256", "vit_b:512", "vit_b:1024")
@@ -156,7 +156,7 @@ def measure(
         checkpointing=checkpointing,
         precision=precision,
         device=device,
-        encoder_layers=encoder_layers if method in ("galore", "galore-layerwise", "full") else "all",
+        encoder_layers=encoder_layers if encoder_layers in layer_choices(method, ENCODER_LAYERS) else "all",
     )
     config.validate()
     dev = torch.device(device)
@@ -300,8 +300,9 @@ def row_label(r: dict) -> str:
 
 
 def layer_choices(method: str, layers: Sequence[str]) -> list[str]:
-    """The ``--encoder-layers`` settings that differ for ``method`` (LoRA and decoder-only have one)."""
-    return ["all"] if method in ("lora", "decoder") else list(layers)
+    """The ``--encoder-layers`` settings that differ for ``method``: only methods that train encoder weights
+    themselves (GaLore, full) can be limited to some layers; LoRA and decoder-only have one setting."""
+    return list(layers) if get_method(method).encoder in ("galore", "adamw") else ["all"]
 
 
 def worker_args(model: str, size: Optional[int], method: str, ckpt: bool, args, rank: Optional[int] = None,

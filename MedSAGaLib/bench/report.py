@@ -142,6 +142,12 @@ def speed_section(folder: Path, rel: str) -> list[str]:
     return lines
 
 
+def _tracked(results: list[dict], model: str, size: int, method: str, layers: str) -> list[dict]:
+    """The checkpointed rows of ``method`` on ``layers`` that have a tracker peak (every rank)."""
+    return [r for r in results if (r["model"], r["image_size"], r["method"], r["checkpointing"]) == (model, size, method, True)
+            and r.get("tracker_peak") and r.get("encoder_layers", "all") == layers]
+
+
 def _lower(galore: float, lora: float) -> str:
     if abs(galore - lora) <= 0.01 * lora:
         return "equal (within 1%)"
@@ -165,11 +171,7 @@ def targets_section(folder: Path) -> list[str]:
             stages = f"{full.get('train_stages')} of 4 encoder stages trained"
             # "x full" means full fine-tuning of the whole encoder; a file that trains fewer stages checks LoRA only
             whole = full.get("train_stages") in (None, 4)
-            for r in ok:
-                if (r["model"], r["image_size"], r["method"], r["checkpointing"]) != (model, size, "galore-layerwise", True) \
-                        or not r.get("tracker_peak") or r.get("encoder_layers", "all") != "qkv" or not lora \
-                        or not lora.get("tracker_peak"):
-                    continue
+            for r in (_tracked(ok, model, size, "galore-layerwise", "qkv") if lora and lora.get("tracker_peak") else []):
                 to_lora, to_full = r["tracker_peak"] / lora["tracker_peak"], r["tracker_peak"] / full["tracker_peak"]
                 target = "<= 1.0x lora+ckpt and <= 0.25x full" if whole else "<= 1.0x lora+ckpt"
                 full_text = f"{to_full:.2f}x full" + ("" if whole else " (full trains the same stages here)")
@@ -178,10 +180,7 @@ def targets_section(folder: Path) -> list[str]:
                              f"{lora['tracker_peak'] / MB:,.0f} MB), {full_text} "
                              f"| {'met' if to_lora <= 1.0 and (to_full <= 0.25 or not whole) else 'missed'} |")
             if glw and glw.get("tracker_peak") and whole:
-                for r in ok:
-                    if (r["model"], r["image_size"], r["method"], r["checkpointing"]) != (model, size, "galore-layerwise", True) \
-                            or not r.get("tracker_peak") or r.get("encoder_layers", "all") != "all":
-                        continue
+                for r in _tracked(ok, model, size, "galore-layerwise", "all"):
                     ratio = r["tracker_peak"] / full["tracker_peak"]
                     lines.append(f"| galore-layerwise+ckpt peak <= 0.34x full ({where}, GaLore rank {r.get('rank')}, {stages}) "
                                  f"| {ratio:.2f}x ({r['tracker_peak'] / MB:,.0f} / {full['tracker_peak'] / MB:,.0f} MB) "
