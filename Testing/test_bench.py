@@ -247,6 +247,22 @@ def test_equal_terms_target_compares_galore_on_loras_layers_with_lora(tmp_path):
     assert "1.00x LoRA (300 / 300 MB), 0.15x full (full trains the same stages here) | met |" in text
 
 
+def test_gpu_memory_target_is_met_only_by_a_cuda_vit_b_1024_file(tmp_path):
+    from MedSAGaLib.bench import report
+    from MedSAGaLib.bench.common import write_json
+
+    def rows(device, size=1024):
+        return [dict(model="vit_b", image_size=size, method="lora", checkpointing=True, tracker_peak=2**30, device=device,
+                     machine={"gpu": "Test GPU"} if device.startswith("cuda") else {"cpu": "x"})]
+
+    gpu_line = lambda: next(l for l in report.targets_section(tmp_path) if "vit_b 1024 px on a GPU" in l)
+    write_json(tmp_path / "memory_cpu.json", {"settings": {}, "results": rows("cpu")})
+    write_json(tmp_path / "memory_small.json", {"settings": {}, "results": rows("cuda", 512)})
+    assert gpu_line().endswith("| missing |")
+    write_json(tmp_path / "memory_gpu.json", {"settings": {}, "results": rows("cuda:0")})
+    assert gpu_line() == "| `bench memory` vit_b 1024 px on a GPU | `memory_gpu.json` (Test GPU) | measured |"
+
+
 def test_quality_run_chooses_a_setting_on_validation_and_resume_reruns_only_stale_runs(tmp_path):
     """The real benchmark, tiny: LiteMedSAM, 1 shot, 2 steps, a 2-value scale search on validation slices."""
     from MedSAGaLib.bench import quality as quality_module

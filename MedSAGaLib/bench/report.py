@@ -222,7 +222,13 @@ def targets_section(folder: Path) -> list[str]:
                          f"| {best['seconds_per_slice_wall']:.2f} s wall, {best['cpu_seconds_per_slice']:.2f} CPU-s, "
                          f"batch {best['batch_size']}, {best['threads']} threads{base_txt} "
                          f"| {'met' if best['seconds_per_slice_wall'] <= 1.0 else 'missed (shared CPU: see CPU-s)'} |")
-    lines.append("| `bench memory` vit_b 1024 px on a GPU | not run: no GPU machine was lent to this task | missing |")
+    gpu_files = [(path.name, r["machine"].get("gpu", r.get("device"))) for path, data in _load(folder, "memory*.json")
+                 for r in data.get("results", [])[:1] if "error" not in r and str(r.get("device", "")).startswith("cuda")
+                 and r.get("model") == "vit_b" and r.get("image_size") == 1024]
+    lines.append("| `bench memory` vit_b 1024 px on a GPU | "
+                 + ("; ".join(f"`{name}` ({gpu})" for name, gpu in gpu_files) if gpu_files
+                    else "not run: no GPU machine was lent to this task")
+                 + f" | {'measured' if gpu_files else 'missing'} |")
     return lines + [""]
 
 
