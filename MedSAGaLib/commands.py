@@ -113,8 +113,8 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
     Option(("--base",), "base", "base model (default litemedsam)", choices=BASE_MODEL_NAMES),
     CHECKPOINT,
     IMAGE_SIZE,
-    Option(("--steps",), "steps", "optimizer steps (default: chosen by the data: train until the held-out painted "
-           "slices stop improving, within --time-budget)", type=int, group="length"),
+    Option(("--steps",), "steps", "optimizer steps (default: chosen by the data: with 10 or more annotated slices, "
+           "train until the held-out ones stop improving, else the steps that fit; within --time-budget)", type=int, group="length"),
     Option(("--time-budget",), "time_budget", f"seconds for the whole fine-tuning when the steps are chosen by the "
            f"data (default {_DEFAULTS.time_budget:g})", type=float, default=_DEFAULTS.time_budget),
     Option(("--crop",), "crop", "train and segment on the box around the painted structures, at a higher "
@@ -149,8 +149,9 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
     Option(("--precision",), "precision", "auto: bf16/fp16 mixed precision on a GPU, fp32 on the CPU",
            choices=PRECISIONS, default="auto"),
     Option(("--no-augment",), "no_augment", "no data augmentation", flag=True),
-    Option(("--val-fraction",), "val_fraction", "when every annotated slice would train, hold out this fraction "
-           "for validation (default 0.2)", type=float, default=0.2),
+    Option(("--val-fraction",), "val_fraction", "when every annotated slice would train and at least 10 are "
+           "annotated, hold out this fraction for validation (default 0.2); with fewer, every slice trains and the "
+           "time budget sets the steps", type=float, default=0.2),
     Option(("--max-val-slices",), "max_val_slices", f"validation slices used during training "
            f"(default {_DEFAULTS.max_val_slices}, evenly spread)", type=int, default=_DEFAULTS.max_val_slices),
     Option(("--seed",), "seed", "random seed (default 0)", type=int, default=0),

@@ -125,7 +125,7 @@ def realistic_task(name: str, out: Path, device: str, budget: float, steps=None,
     painted = evenly_spread(task.annotated, shots)
     log(f"realistic task: {sample.title}; painted slices {painted}, the steps chosen by the data within "
         f"{budget:.0f} s (as medsaga finetune with no flags)")
-    # what a user hands over: labels on the painted slices only (finetune holds one of them out to validate)
+    # what a user hands over: labels on the painted slices only (all of them train: too few to hold one out)
     import copy
 
     painted_task = copy.copy(task)

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from conftest import make_volume
 from MedSAGaLib.cli import main
 from MedSAGaLib.events import SCHEMA, describe, parse_json_line
-from MedSAGaLib.slices import evenly_spread, plan_slices
+from MedSAGaLib.slices import MIN_SLICES_TO_HOLD_OUT, evenly_spread, plan_slices
 from MedSAGaLib.modelfile import read_metadata
 from MedSAGaLib.training import TrainingError
 
@@ -50,6 +50,12 @@ def test_plan_slices():
     assert len(train) == 4 and train == evenly_spread(annotated, 4) and not set(train) & set(val)
     train, val = plan_slices(annotated, None, None, 0.2)  # everything annotated: hold out a fifth
     assert len(val) == 4 and len(train) == 16 and not set(train) & set(val)
+    # a few painted slices all train: each is worth more as training data than as a judge
+    assert plan_slices([3, 9, 15, 21, 27], None, None, 0.2) == ([3, 9, 15, 21, 27], [])
+    assert plan_slices(list(range(MIN_SLICES_TO_HOLD_OUT - 1)), None, None, 0.2)[1] == []
+    train, val = plan_slices(list(range(MIN_SLICES_TO_HOLD_OUT)), None, None, 0.2)
+    assert len(val) == 2 and len(train) == MIN_SLICES_TO_HOLD_OUT - 2
+    assert plan_slices(list(range(20)), None, None, 0.0)[1] == []  # --val-fraction 0: never
     with pytest.raises(TrainingError, match="no annotated slice"):
         plan_slices([], None, None, 0.2)
     with pytest.raises(TrainingError, match="hold no annotation"):

@@ -197,3 +197,43 @@ def test_adaptive_run_decides_crops_stops_and_reports(tiny_model_file, tmp_path)
     outside = np.ones(pred.shape, bool)
     outside[roi.y0 : roi.y1, roi.x0 : roi.x1] = False
     assert pred.shape == images[3].shape and not pred[outside].any()
+
+
+def test_nearest_slice_baseline_copies_the_closest_painted_labels():
+    from MedSAGaLib.baselines import copy_nearest_slices, nearest_painted
+
+    painted = {10: np.full((3, 4), 1, np.uint8), 20: np.full((3, 4), 2, np.uint8)}
+    out = copy_nearest_slices(painted, [0, 14, 15, 16, 30])
+    assert out.shape == (5, 3, 4) and [int(s[0, 0]) for s in out] == [1, 1, 1, 2, 2]  # a tie takes the lower slice
+    assert nearest_painted([20, 10], 15) == 10
+    with pytest.raises(ValueError, match="differ in shape"):
+        copy_nearest_slices({1: np.zeros((2, 2)), 2: np.zeros((3, 3))}, [1])
+    with pytest.raises(ValueError, match="No painted slice"):
+        copy_nearest_slices({}, [1])
+
+
+def test_with_nothing_held_out_a_class_is_judged_on_its_own_painted_slices():
+    lab = np.zeros((8, 8), np.uint8)
+    lab[:6, :6] = 1
+    lab[7, 7] = 2
+    msgs = stuck_classes({"big": 0.9, "tiny": 0.3}, [lab], ["big", "tiny"], on_training_slices=True)
+    assert len(msgs) == 1 and "'tiny' was not learned (Dice 0.30 on the very slices it was painted on" in msgs[0]
+    assert stuck_classes({"big": 0.9, "tiny": 0.6}, [lab], ["big", "tiny"], on_training_slices=True) == []
+    # the held-out check keeps its own, lower bar
+    assert stuck_classes({"big": 0.9, "tiny": 0.3}, [lab], ["big", "tiny"], val_labels=[lab]) == []
+
+
+def test_run_with_nothing_held_out_checks_each_class_on_the_painted_slices(tiny_model_file):
+    from MedSAGaLib.modelfile import load_model
+    from MedSAGaLib.training import FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    seg = load_model(tiny_model_file, class_names=["left", "right"])
+    images, labels = _blobs(3)
+    config = FinetuneConfig(method="decoder", batch_size=2, augment_copies=2, time_budget=3600, max_steps=4, device="cpu")
+    result = finetune(seg, images, labels, config)
+    assert "no held-out painted slice" in " | ".join(result.decisions)
+    assert set(result.train_dice) == {"left", "right"} and result.metadata()["train_dice"] == result.train_dice
+    named = {w.split("'")[1] for w in result.warnings}
+    assert all(result.train_dice[c] >= 0.5 or c in named for c in ["left", "right"])
+    assert all("on the very slices it was painted on" in w for w in result.warnings)

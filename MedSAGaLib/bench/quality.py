@@ -15,7 +15,9 @@ stops on the held-out painted slices. Baselines on the same test slices:
 - ``oracle-box``: zero-shot LiteMedSAM prompted with each class's bounding box taken from the
   reference labels (an upper-bound-ish prompt no user would draw for every slice);
 - ``unet``: a MONAI 2-D U-Net trained from scratch on the same training slices (the classical
-  supervised baseline), same augmentation, same input size.
+  supervised baseline), same augmentation, same input size;
+- ``nearest-slice``: every test slice takes the labels of the nearest training slice, learning
+  nothing (:mod:`MedSAGaLib.baselines`): what a user has without any model.
 
 Learning rates: one rate for all methods (``--lr``), fixed rates per method (``--method-lr``), or
 each method's best rate from one shared grid (``--tune-lr``), judged by Dice on validation slices
@@ -37,6 +39,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from ..baselines import copy_nearest_slices
 
 from .common import machine_info, set_threads, write_json
 from ..training.methods import METHODS
@@ -464,6 +468,13 @@ def run_task(args, task: str) -> dict:
                 log(f"{'unet (scratch)':16s} shots {shots:2d} seed {seed}: Dice {s['dice']:.3f} HD95 {s['hd95_mm']:.1f} mm "
                     f"({time.perf_counter() - t0:.0f} s)")
                 save()
+            if not done("nearest-slice", shots, seed):
+                pred = copy_nearest_slices(dict(zip(train_idx, labs)), test)
+                s = score(pred, test_ref, spacing2d, names)
+                payload["runs"].append(dict(method="nearest-slice", shots=shots, seed=seed, lr=None, train_slices=train_idx,
+                                            steps=0, total_seconds=0.0, **s))
+                log(f"{'nearest-slice':16s} shots {shots:2d} seed {seed}: Dice {s['dice']:.3f} HD95 {s['hd95_mm']:.1f} mm")
+                save()
 
     if args.warmup_curve_method:
         method = args.warmup_curve_method
@@ -654,7 +665,7 @@ def plot(payload: dict, dice_path: Path, loss_path: Path) -> None:
     for key, c in curves.items():
         ax.plot(range(1, len(c["losses"]) + 1), c["losses"], label=f"{c['method']} {key} (lr {c['lr']:g})")
     if not curves:  # fall back to the sweep's own curves
-        for r in payload["runs"][:6]:
+        for r in [r for r in payload["runs"] if r.get("losses")][:6]:  # the nearest-slice baseline trains nothing
             ax.plot(r["losses"], label=f"{r['method']} {r['shots']} shots")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (0.2 CE + 0.8 Dice)")

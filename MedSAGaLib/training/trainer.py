@@ -48,6 +48,7 @@ class FinetuneResult:
     history: list = field(default_factory=list)  # one dict per step (+ validation entries)
     val_dice: dict = field(default_factory=dict)  # per class, at the kept (best) step
     initial_val_dice: dict = field(default_factory=dict)  # before training
+    train_dice: dict = field(default_factory=dict)  # on the training slices themselves, when none was held out
     best_step: int = 0
     steps_done: int = 0
     stopped: bool = False
@@ -93,6 +94,7 @@ class FinetuneResult:
             "decisions": list(self.decisions),
             "stop_reason": self.stop_reason,
             "warnings": list(self.warnings),
+            "train_dice": dict(self.train_dice),
             "roi": self.roi,
             "timings": {k: round(float(v), 1) for k, v in self.timings.items()},
             "config": cfg,
@@ -542,21 +544,33 @@ class Trainer:
             timings["validation"] = timings.get("validation", 0.0) + time.perf_counter() - started
             timings["validation_passes"] = timings.get("validation_passes", 0) + 1
 
-    def _validate(self, val) -> dict:
+    def _validate(self, val, cached_feats=None, shapes=None) -> dict:
+        cached_feats = self.val_feats if cached_feats is None else cached_feats
+        shapes = self.val_shapes if shapes is None else shapes
         preds, refs = [], []
         with torch.no_grad():
             for i in range(0, len(val), 2):
-                if self.val_feats is not None:
-                    feats = self.val_feats[i : i + 2]
+                if cached_feats is not None:
+                    feats = cached_feats[i : i + 2]
                 else:
                     feats = (torch.stack(val.images[i : i + 2]).to(self.device) - self.mean) / self.std
                 pred = self.forward(feats).argmax(1).cpu()
                 for j in range(pred.shape[0]):
-                    h, w = self.val_shapes[i + j]
+                    h, w = shapes[i + j]
                     preds.append(pred[j, :h, :w])
                     refs.append(val.labels[i + j][:h, :w])
         _set_train_modes(self.segmenter)
         return dict(zip(self.segmenter.class_names, dice_per_class(preds, refs, self.num_classes)))
+
+    def training_fit(self) -> dict:
+        """Dice per class on the training slices themselves, unaugmented: how much of what was painted the
+        model learned (the only check there is when no painted slice was held out)."""
+        train = FewShotSlices(self.images01, self.labels, self.segmenter.image_size)
+        feats = None
+        if self.pool_feats is not None:  # each slice's unaugmented copy comes first among its copies
+            feats = self.pool_feats[:: len(self.pool_images) // len(train)]
+        tf = SliceTransform(self.segmenter.image_size)
+        return self._validate(train, feats, [tf.resized_shape(np.shape(x)) for x in self.images01])
 
     def consider(self, step: int, dice: dict) -> None:
         """Keep the model of ``step`` when its mean validation Dice beats the best so far (ties keep the earlier)."""
@@ -667,8 +681,12 @@ class Trainer:
             result.stop_reason = "stopped by the user"
         if self.val_images:
             result.decisions.append(f"kept the model of step {result.best_step} (best mean validation Dice)")
-        result.warnings = stuck_classes(result.val_dice, self.painted_labels, list(self.segmenter.class_names),
-                                        val_labels=self.val_labels if self.val_images else None)
+        names = list(self.segmenter.class_names)
+        if self.val_images:
+            result.warnings = stuck_classes(result.val_dice, self.painted_labels, names, val_labels=self.val_labels)
+        elif result.steps_done > 0 and (self.ddp is None or self.ddp.is_main):
+            result.train_dice = self.training_fit()
+            result.warnings = stuck_classes(result.train_dice, self.painted_labels, names, on_training_slices=True)
         return result
 
     def teardown(self) -> None:

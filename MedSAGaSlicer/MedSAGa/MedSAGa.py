@@ -194,7 +194,7 @@ class MedSAGaParameterNode:
     updateProjGap: Annotated[int, WithinRange(1, 100000)] = 50
     scale: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
     learningRate: Annotated[float, WithinRange(1e-7, 1.0)] = 1e-3  # the trainer's default (a test pins it)
-    # 0 = chosen by the data: train until the held-out painted slices stop improving, within timeBudget
+    # 0 = chosen by the data within timeBudget (early stopping on held-out slices from 10 painted slices on)
     steps: Annotated[int, WithinRange(0, 100000)] = 0
     timeBudget: Annotated[float, WithinRange(10.0, 86400.0)] = 240.0  # seconds (the trainer's default; a test pins it)
     device: Annotated[str, Choice(DEVICES)] = "auto"
