@@ -59,6 +59,12 @@ def format_ranges(values: Sequence[int]) -> str:
 MIN_SLICES_TO_HOLD_OUT = 10
 
 
+def holdout_wanted(requested: Optional[Sequence[int]], shots: Optional[int], val_fraction: float) -> bool:
+    """Whether the user left the choice of training slices to :func:`plan_slices` with a fraction to hold out
+    (it then holds out only from ``MIN_SLICES_TO_HOLD_OUT`` annotated slices on)."""
+    return requested is None and shots is None and val_fraction > 0
+
+
 def plan_slices(
     annotated: Sequence[int], requested: Optional[Sequence[int]], shots: Optional[int], val_fraction: float,
     min_holdout: int = MIN_SLICES_TO_HOLD_OUT,
@@ -92,7 +98,7 @@ def plan_slices(
     else:
         train = list(annotated)
     val = [s for s in annotated if s not in set(train)]
-    if not val and requested is None and shots is None and val_fraction > 0 and len(annotated) >= max(3, min_holdout):
+    if not val and holdout_wanted(requested, shots, val_fraction) and len(annotated) >= max(3, min_holdout):
         count = max(1, int(round(len(annotated) * val_fraction)))
         val = evenly_spread(annotated, count)
         train = [s for s in annotated if s not in set(val)]

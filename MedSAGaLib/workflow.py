@@ -22,8 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .events import event, jsonable
-from .slices import (MIN_SLICES_TO_HOLD_OUT, annotated_slices, get_slice, labels_for_model, parse_slices, plan_slices,
-                     select_classes)
+from .slices import (MIN_SLICES_TO_HOLD_OUT, annotated_slices, get_slice, holdout_wanted, labels_for_model, parse_slices,
+                     plan_slices, select_classes)
 from .training.config import FinetuneConfig, TrainingError
 from .volume import array_from_image, normalize_with, read_volume, slice_axis, window_settings
 
@@ -257,7 +257,7 @@ def finetune_volume(
     result = finetune_slices(segmenter, take(array01, train_idx), take(task.labels, train_idx), take(array01, val_idx),
                              take(task.labels, val_idx), config=config, progress=progress, should_stop=should_stop,
                              hooks=hooks, feature_cache=feature_cache, feature_store=feature_store)
-    if not val_idx and val_slices is None and requested is None and shots is None and val_fraction > 0:
+    if not val_idx and val_slices is None and holdout_wanted(requested, shots, val_fraction):  # too few to hold out
         result.decisions.insert(0, f"every painted slice trains ({len(train_idx)}): with fewer than "
                                    f"{MIN_SLICES_TO_HOLD_OUT} annotated slices none is held out to validate")
     training = result.metadata()

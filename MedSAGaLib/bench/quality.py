@@ -41,7 +41,6 @@ from typing import Optional
 import numpy as np
 
 from ..baselines import copy_nearest_slices
-
 from .common import machine_info, set_threads, write_json
 from ..training.methods import METHODS
 

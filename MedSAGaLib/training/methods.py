@@ -49,11 +49,12 @@ AUTO = "auto"
 def choose_method(device_type: str, cropped: bool, train_stages: int | None = None) -> tuple[str, str]:
     """What ``method="auto"`` trains, and why, as a sentence.
 
-    Measured (docs/results/NOTES.md, "Realistic tasks"; 240 s budget, 2 CPU threads): a GaLore step costs
-    about 3.4 s on a CPU and a decoder-only step about 1 s, so in the time budget decoder-only takes 3-4x
-    the steps. Where the painted structures are small (the run crops to them) that wins or ties: colin27_aal_lr
-    0.37 against 0.05 mean Dice, colin27_aal 0.39 against 0.35-0.46 (one run each). Where they fill the slice GaLore wins
-    (MNI152 GM/WM 0.90 against 0.81), and on a GPU its steps are cheap. ``train_stages`` given by the user
+    Measured (docs/results/NOTES.md, "Realistic tasks"; 240 s budget, 2 CPU threads, 5 painted slices): a
+    GaLore step costs about 3.3 s on a CPU and a decoder-only step about 0.8 s, so in the time budget
+    decoder-only takes about 4x the steps. Where the painted structures are small (the run crops to them)
+    that wins: colin27_aal 0.731 against 0.341 mean Dice with all five slices training (0.39 against
+    0.35-0.46 when one was held out), colin27_aal_lr 0.37 against 0.05 (one held out). Where they fill the
+    slice GaLore wins (MNI152 GM/WM: the demo's 0.90 against 0.50), and on a GPU its steps are cheap. ``train_stages`` given by the user
     decides instead: encoder stages to train mean GaLore, 0 means decoder-only.
     """
     if train_stages is not None:

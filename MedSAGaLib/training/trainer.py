@@ -538,15 +538,15 @@ class Trainer:
             return {}
         started = time.perf_counter()
         try:
-            return self._validate(val)
+            return self._validate(val, self.val_feats, self.val_shapes)
         finally:
             timings = self.result.timings
             timings["validation"] = timings.get("validation", 0.0) + time.perf_counter() - started
             timings["validation_passes"] = timings.get("validation_passes", 0) + 1
 
-    def _validate(self, val, cached_feats=None, shapes=None) -> dict:
-        cached_feats = self.val_feats if cached_feats is None else cached_feats
-        shapes = self.val_shapes if shapes is None else shapes
+    def _validate(self, val, cached_feats, shapes) -> dict:
+        """Dice per class of ``val`` (its frozen-prefix features ``cached_feats``, or None to run the whole
+        encoder), each prediction cut to its slice's ``shapes`` entry."""
         preds, refs = [], []
         with torch.no_grad():
             for i in range(0, len(val), 2):
