@@ -312,3 +312,18 @@ def test_backend_speed_report_states_the_f32_floor_of_the_machine():
     assert "OpenVINO f32 is 2.00x the fast path's speed" in text and "target <= 0.45 s missed" in text
     assert "(100 GFLOP/s at 2 threads) that alone takes 0.80 s" in text and "80.0 GFLOP per slice" in text
     assert "0.45 s would need 178 GFLOP/s (OpenVINO ran at 80% of the matmul rate)" in text
+
+
+def test_unet_baseline_plans_its_steps_from_a_time_budget():
+    """The U-Net baseline gets the product's wall-clock: with a budget it times its first steps and trains
+    no more than fit (and at least the probe), without one exactly the steps asked for."""
+    from MedSAGaLib.bench.quality import PROBE_STEPS, predict_unet, train_unet
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((40, 40), dtype=np.float32) for _ in range(2)]
+    labels = [(im > 0.5).astype(np.uint8) for im in images]
+    _, fixed = train_unet(images, labels, 1, steps=4, image_size=32, seed=0)
+    assert len(fixed) == 4
+    net, budgeted = train_unet(images, labels, 1, steps=10_000, image_size=32, seed=0, time_budget=1e-6)
+    assert len(budgeted) == PROBE_STEPS + 1
+    assert predict_unet(net, images, 32).shape == (2, 40, 40)

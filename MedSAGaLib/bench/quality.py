@@ -41,6 +41,7 @@ from typing import Optional
 import numpy as np
 
 from ..baselines import copy_nearest_slices
+from ..training.budget import PROBE_STEPS
 from .common import machine_info, set_threads, write_json
 from ..training.methods import METHODS
 
@@ -130,8 +131,12 @@ def predict(segmenter, slices01: list[np.ndarray]) -> np.ndarray:
 
 
 def train_unet(train_images, train_labels, num_classes: int, steps: int, image_size: int, seed: int,
-               batch_size: int = 2, lr: float = 1e-3):
-    """A MONAI U-Net from scratch on the same slices (same augmentation and input size as SAM)."""
+               batch_size: int = 2, lr: float = 1e-3, time_budget: Optional[float] = None):
+    """A MONAI U-Net from scratch on the same slices (same augmentation and input size as SAM).
+
+    With ``time_budget`` (seconds) the first steps are timed and ``steps`` becomes at most what fits in
+    the budget, as the product's own fine-tuning plans its steps, so both get the same wall-clock.
+    """
     import torch
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
@@ -148,7 +153,12 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.8, lambda_ce=0.2, batch=True)
     losses = []
     net.train()
-    for step in range(steps):
+    started = time.perf_counter()
+    step = 0
+    while step < steps:
+        if time_budget is not None and step == PROBE_STEPS:
+            per_step = (time.perf_counter() - started) / step
+            steps = max(step + 1, min(steps, int(time_budget / per_step)))
         for group in opt.param_groups:
             group["lr"] = lr * (1 - step / steps) ** 0.9
         pairs = [augment(transform, data.images[i], data.labels[i]) for i in sampler.next()]
@@ -159,6 +169,7 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
         loss.backward()
         opt.step()
         losses.append(float(loss))
+        step += 1
     net.eval()
     return net, losses
 
@@ -175,6 +186,25 @@ def predict_unet(net, slices01: list[np.ndarray], image_size: int) -> np.ndarray
             logits = net(tf.to_model(s)[None, :1])[0]
             out.append(tf.from_model(logits, s.shape).argmax(0).numpy().astype(np.uint8))
     return np.stack(out)
+
+
+def unet_baseline(train_images, train_labels, test_images, num_classes: int, steps: int, seed: int,
+                  lr: float = 1e-3, crop: str = "auto", time_budget: Optional[float] = None):
+    """(test label maps, the crop box or None, losses) of a U-Net from scratch on the training slices.
+
+    The U-Net gets the crop the SAM methods' ``crop`` mode picks from the same training labels, so
+    both see the same pixels; its predictions are pasted back into whole slices.
+    """
+    from ..roi import choose_roi
+
+    roi, _ = choose_roi(train_labels, crop)
+    cut = roi.crop if roi is not None else (lambda x: x)
+    net, losses = train_unet([cut(x) for x in train_images], [cut(x) for x in train_labels], num_classes, steps,
+                             256, seed, lr=lr, time_budget=time_budget)
+    pred = predict_unet(net, [cut(x) for x in test_images], 256)
+    if roi is not None:
+        pred = np.stack([roi.paste(p) for p in pred])
+    return pred, roi, losses
 
 
 def parse_method_lrs(entries: list[str]) -> dict[str, float]:
@@ -246,7 +276,6 @@ def run_task(args, task: str) -> dict:
     from ..training import TrainingError
     from ..workflow import finetune_config, finetune_slices, new_segmenter
 
-    from ..roi import choose_roi
     from ..samples.tasks import load_sample_task
 
     set_threads(args.threads)
@@ -451,14 +480,8 @@ def run_task(args, task: str) -> dict:
                 save()
             if args.unet_steps > 0 and not done("unet", shots, seed):
                 t0 = time.perf_counter()
-                # the U-Net gets the same crop as the SAM methods' default, so both see the same pixels
-                roi, _ = choose_roi(labs, args.crop)
-                crop = roi.crop if roi is not None else (lambda x: x)
-                net, losses = train_unet([crop(x) for x in images], [crop(x) for x in labs], len(names), args.unet_steps,
-                                         256, seed, lr=args.unet_lr)
-                pred = predict_unet(net, [crop(x) for x in test_images], 256)
-                if roi is not None:
-                    pred = np.stack([roi.paste(p) for p in pred])
+                pred, roi, losses = unet_baseline(images, labs, test_images, len(names), args.unet_steps, seed,
+                                                  lr=args.unet_lr, crop=args.crop)
                 s = score(pred, test_ref, spacing2d, names)
                 payload["runs"].append(dict(method="unet", shots=shots, seed=seed, lr=args.unet_lr, train_slices=train_idx,
                                             roi=roi.to_dict() if roi is not None else None,
