@@ -107,6 +107,14 @@ def test_budget_plans_steps_from_the_measured_time_and_caps_them():
     assert b.plan(elapsed=40, seconds_per_step=0.5, steps_done=3, validation_seconds=2.0) == 103
 
 
+def test_budget_replans_from_the_longer_measurement():
+    b = StepBudget(time_budget=100, max_steps=400, val_every=20)
+    assert b.plan(elapsed=40, seconds_per_step=0.6, steps_done=3) == 103  # the probe: 60 s left / 0.6 s
+    assert b.plan(elapsed=50, seconds_per_step=0.5, steps_done=20) == 120  # steps were cheaper: 50 s / 0.5 s more
+    assert b.decisions[0].startswith("planned 103") and b.decisions[1].startswith("re-planned 120")
+    assert "after 20 steps" in b.decisions[1]
+
+
 def test_budget_stops_on_patience_after_min_steps_only():
     b = StepBudget(time_budget=100, max_steps=400, patience=2, min_steps=60, val_every=20)
     b.planned_steps = 400

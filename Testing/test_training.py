@@ -207,6 +207,29 @@ def test_encoder_split_reproduces_the_encoder(tiny):
             assert torch.allclose(split.suffix(split.prefix(x)), full, atol=1e-5), stages
 
 
+def test_prepared_features_come_from_a_fast_copy_with_the_same_numbers():
+    """Training slices are prepared on an inference copy of the frozen TinyViT modules (conv+BN folded,
+    channels-last): the same features as the plain prefix, and the encoder being trained is not touched."""
+    from MedSAGaLib.models import build_base_model
+    from MedSAGaLib.training.trainer import _set_train_modes
+
+    base = build_base_model("litemedsam")
+    _set_train_modes(base)
+    before = {n: p.clone() for n, p in base.image_encoder.state_dict().items()}
+    modules_before = [type(m).__name__ for m in base.image_encoder.modules()]
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        for stages in (0, 1, 3):
+            split = EncoderSplit(base.image_encoder, stages)
+            plain, fast = split.prefix(x), split.inference_prefix()(x)
+            assert fast.shape == plain.shape
+            assert torch.allclose(fast, plain, atol=1e-3, rtol=1e-3), (stages, (fast - plain).abs().max())
+        whole = EncoderSplit(base.image_encoder, 4)
+        assert whole.inference_prefix() == whole.prefix  # nothing frozen, nothing to copy
+    assert [type(m).__name__ for m in base.image_encoder.modules()] == modules_before
+    assert all(torch.equal(before[n], p) for n, p in base.image_encoder.state_dict().items())
+
+
 # ------------------------------------------------------------------------------ LoRA
 def test_lora_targets_q_and_v_and_merges_exactly(tiny):
     attn = tiny.image_encoder.blocks[0].attn

@@ -99,13 +99,14 @@ class EncoderSplit:
             x = x + self.encoder.pos_embed
         return x
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, neck: nn.Module | None = None) -> torch.Tensor:
+        neck = self.encoder.neck if neck is None else neck
         if self.kind == "tinyvit":
             batch, tokens, channels = x.shape
             side = int(round(tokens**0.5))
             x = x.view(batch, side, side, channels).permute(0, 3, 1, 2)
-            return self.encoder.neck(x)
-        return self.encoder.neck(x.permute(0, 3, 1, 2))
+            return neck(x)
+        return neck(x.permute(0, 3, 1, 2))
 
     def prefix(self, normalized: torch.Tensor) -> torch.Tensor:
         """Frozen part: normalised images -> features entering the first trainable stage."""
@@ -117,6 +118,29 @@ class EncoderSplit:
         if self.frozen:
             x = self._finish(x)
         return x
+
+    def inference_prefix(self):
+        """``prefix`` for preparing training slices, run on an inference copy of the frozen modules
+        (:mod:`MedSAGaLib.fastpath`: TinyViT's conv+BN folded, channels-last convolutions): the same
+        features up to float rounding, about 1.3x faster on a CPU. The encoder itself is not touched.
+        A SAM ViT has nothing to fold, and a whole-encoder split no prefix: both get ``prefix``."""
+        if self.whole or self.kind != "tinyvit":
+            return self.prefix
+        from ..fastpath import inference_copy
+
+        frozen = nn.Module()  # only the frozen modules are copied, never the trained ones or their hooks
+        frozen.patch_embed = self.encoder.patch_embed
+        frozen.layers = nn.ModuleList(self.frozen_stages)
+        frozen.neck = self.encoder.neck if self.frozen else nn.Identity()
+        fast = inference_copy(frozen)
+
+        def prefix(normalized: torch.Tensor) -> torch.Tensor:
+            x = fast.patch_embed(normalized)
+            for m in fast.layers:
+                x = m(x)
+            return self._finish(x, fast.neck) if self.frozen else x
+
+        return prefix
 
     @property
     def frozen_depth(self) -> int:

@@ -12,6 +12,7 @@ observe training (optimizer, gradients, checkpointed blocks, steps) without patc
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,7 @@ from ..inference import resolve_device
 from ..metrics import dice_per_class, mean_finite
 from ..preprocess import SliceTransform
 from ..roi import choose_roi
-from .budget import PROBE_STEPS, StepBudget
+from .budget import PROBE_STEPS, REPLAN_STEPS, StepBudget
 from .config import FinetuneConfig, TrainingError
 from .diagnosis import stuck_classes
 from .distributed import DistributedTraining
@@ -163,7 +164,8 @@ class StepBudgetHook:
         if self.last is not None:
             self.step_times.append(now - self.last)
         self.last = now
-        if done == PROBE_STEPS:  # the first step pays one-off costs (GaLore's first SVD): plan from the later ones
+        # the first step pays one-off costs (GaLore's first SVD): plan from the later ones, then again from more
+        if done == PROBE_STEPS or (done == REPLAN_STEPS and self.budget.planned_steps > done):
             per_step = float(np.mean(self.step_times)) if self.step_times else trainer.result.seconds_per_step
             trainer.total_steps = self.budget.plan(trainer.elapsed(), per_step, done, self.validation_seconds)
         recent = float(np.mean(self.step_times[-5:])) if self.step_times else 0.0
@@ -412,9 +414,14 @@ class Trainer:
                 raise KeyboardInterrupt
             with torch.no_grad(), self.autocast():
                 batch = torch.stack([images[i] for i in indices[j : j + 2]]).to(self.device)
-                out = self.split.prefix((batch - self.mean) / self.std).float().unbind(0)
+                out = self.fast_prefix((batch - self.mean) / self.std).float().unbind(0)
             self.emit(event(phase, done=done_before + min(j + 2, len(indices)), total=len(images), elapsed=self.elapsed()))
             yield from out
+
+    @functools.cached_property
+    def fast_prefix(self):
+        """The frozen prefix on an inference copy of its modules (same features up to rounding, faster)."""
+        return self.split.inference_prefix()
 
     def prefix_identity(self) -> str:
         """What the frozen prefix's features depend on besides the slice: its weights, depth, normalisation, precision."""
