@@ -62,8 +62,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# Overlay colours that stand out on a grey MR image (the segmentation keeps the classes' own colours).
-OVERLAY_COLORS = [(0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16)]
+# Overlay colours that stand out on a grey MR image and from each other (the segmentation keeps the
+# classes' own colours); beyond eight classes they repeat.
+OVERLAY_COLORS = [(0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16),
+                  (0.58, 0.40, 0.74), (0.09, 0.75, 0.81), (0.89, 0.47, 0.76), (0.74, 0.74, 0.13)]
 
 
 def overlay_png(path: Path, image2d, columns: list[tuple[str, np.ndarray]], colors, names=(), title="") -> None:
@@ -71,20 +73,24 @@ def overlay_png(path: Path, image2d, columns: list[tuple[str, np.ndarray]], colo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     cmap = np.zeros((len(colors) + 1, 4))
     for i in range(1, len(colors) + 1):
         cmap[i, :3], cmap[i, 3] = OVERLAY_COLORS[(i - 1) % len(OVERLAY_COLORS)], 0.45
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6))
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.9))
     for ax, (heading, lab) in zip(np.atleast_1d(axes), columns):
         ax.imshow(image2d, cmap="gray", origin="lower")
         ax.imshow(cmap[lab], origin="lower", interpolation="nearest")
         ax.set_title(heading, fontsize=9)
         ax.axis("off")
-    colour_names = ["blue", "orange", "green", "red"]
-    legend = ", ".join(f"{colour_names[i % 4]}: {n}" for i, n in enumerate(names))
-    fig.suptitle(f"{title}   ({legend})" if legend else title, fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=10)
+    if len(names):  # a legend of colour patches under the panels, not a long title that runs off the figure
+        handles = [Patch(color=OVERLAY_COLORS[i % len(OVERLAY_COLORS)], label=n) for i, n in enumerate(names)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.08 * ((len(handles) + 5) // 6), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
