@@ -317,7 +317,8 @@ def test_backend_speed_report_states_the_f32_floor_of_the_machine():
 def test_unet_baseline_plans_its_steps_from_a_time_budget():
     """The U-Net baseline gets the product's wall-clock: with a budget it times its first steps and trains
     no more than fit (and at least the probe), without one exactly the steps asked for."""
-    from MedSAGaLib.bench.quality import PROBE_STEPS, predict_unet, train_unet
+    from MedSAGaLib.bench.quality import predict_unet, train_unet
+    from MedSAGaLib.training.budget import PROBE_STEPS
 
     rng = np.random.default_rng(0)
     images = [rng.random((40, 40), dtype=np.float32) for _ in range(2)]

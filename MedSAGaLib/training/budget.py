@@ -32,6 +32,7 @@ class StepBudget:
     best_step: int = 0
     checks_without_gain: int = 0
     stop_reason: Optional[str] = None
+    plans_made: int = 0
     decisions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -45,7 +46,8 @@ class StepBudget:
         fit = steps_done + int(left / per_step)
         self.planned_steps = max(steps_done + 1, min(self.max_steps, fit))
         why = "the step cap" if fit >= self.max_steps else f"the time budget of {self.time_budget:.0f} s"
-        again = any(d.startswith("planned ") for d in self.decisions)
+        again = self.plans_made > 0
+        self.plans_made += 1
         spent = f"{elapsed:.0f} s spent after {steps_done} steps" if again else f"{elapsed:.0f} s spent preparing and probing"
         self.decisions.append(
             f"{'re-planned' if again else 'planned'} {self.planned_steps} steps ({seconds_per_step:.2f} s per step "
