@@ -115,6 +115,22 @@ def test_budget_replans_from_the_longer_measurement():
     assert "after 20 steps" in b.decisions[1]
 
 
+def test_step_plan_counts_the_measured_validation_passes():
+    from types import SimpleNamespace
+
+    from MedSAGaLib.training import FinetuneConfig
+    from MedSAGaLib.training.trainer import FinetuneResult, StepBudgetHook
+
+    hook = StepBudgetHook(FinetuneConfig(time_budget=100, max_steps=400, val_every=20), has_validation=True)
+    # the pass before training took 4 s: one every 20 steps adds 0.2 s to each (the steps themselves cost ~0)
+    trainer = SimpleNamespace(result=FinetuneResult(timings={"validation": 4.0, "validation_passes": 1}),
+                              total_steps=400, elapsed=lambda: 40.0)
+    for step in range(1, 4):
+        hook.on_step_end(trainer, {"step": step})
+    assert hook.validation_seconds == 4.0
+    assert 290 <= trainer.total_steps <= 303  # 60 s left / 0.2 s; without it, the cap of 400
+
+
 def test_budget_stops_on_patience_after_min_steps_only():
     b = StepBudget(time_budget=100, max_steps=400, patience=2, min_steps=60, val_every=20)
     b.planned_steps = 400

@@ -166,6 +166,10 @@ class StepBudgetHook:
         self.last = now
         # the first step pays one-off costs (GaLore's first SVD): plan from the later ones, then again from more
         if done == PROBE_STEPS or (done == REPLAN_STEPS and self.budget.planned_steps > done):
+            # a validation pass every val_every steps is part of the cost of a step (the pass at step 0 is timed)
+            timings = trainer.result.timings
+            passes = timings.get("validation_passes", 0)
+            self.validation_seconds = timings.get("validation", 0.0) / passes if passes else 0.0
             per_step = float(np.mean(self.step_times)) if self.step_times else trainer.result.seconds_per_step
             trainer.total_steps = self.budget.plan(trainer.elapsed(), per_step, done, self.validation_seconds)
         recent = float(np.mean(self.step_times[-5:])) if self.step_times else 0.0
