@@ -117,9 +117,14 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
            "train until the held-out ones stop improving, else the steps that fit; within --time-budget)", type=int, group="length"),
     Option(("--time-budget",), "time_budget", f"seconds for the whole fine-tuning when the steps are chosen by the "
            f"data (default {_DEFAULTS.time_budget:g})", type=float, default=_DEFAULTS.time_budget),
+    Option(("--max-steps",), "max_steps", "most optimizer steps when the steps are chosen by the data "
+           f"(default {_DEFAULTS.max_steps})", type=int, default=_DEFAULTS.max_steps),
     Option(("--crop",), "crop", "train and segment on the box around the painted structures, at a higher "
            f"resolution (default {_DEFAULTS.crop}: when they fill less than half of the slice)",
            choices=("auto", "on", "off"), default=_DEFAULTS.crop),
+    Option(("--mirror",), "mirror", "left-right mirroring in the augmentation (default auto: only when every "
+           "painted class lies on both sides of the middle, so no 'left' structure is shown on the right)",
+           choices=("auto", "on", "off"), default=_DEFAULTS.mirror),
     Option(("--class-weighting",), "class_weighting", f"class weights of the loss (default {_DEFAULTS.class_weighting})",
            choices=("none", "balanced"), default=_DEFAULTS.class_weighting),
     Option(("--feature-cache",), "feature_cache", "folder that keeps the frozen encoder features of the training "

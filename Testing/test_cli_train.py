@@ -132,6 +132,7 @@ def test_finetune_bad_input_is_explained_and_keeps_existing_output(tmp_path, tin
     _refused(base + ["--slices", "0,2"], capsys, "hold no annotation", out)
     _refused(base + ["--slices", "2,40"], capsys, "outside the volume", out)
     _refused(base + ["--rank", "5000"], capsys, "rank 5000", out)
+    _refused(base + ["--max-steps", "0"], capsys, "--max-steps must be at least 1", out)
     _refused(base + ["--classes", "a", "b", "c"], capsys, "--classes", out)
     # a class that no training slice holds
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))

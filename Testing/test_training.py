@@ -8,6 +8,7 @@ import torch
 
 from MedSAGaLib.modelfile import load_model
 from MedSAGaLib.training import FinetuneConfig, TrainingError, finetune
+from MedSAGaLib.training.data import augment, build_augmentation
 from MedSAGaLib.training.encoder import EncoderSplit
 from MedSAGaLib.training.lora import apply_lora, merge_lora, qv_indices
 from MedSAGaLib.training.optim import capped_rank, galore_groups, lr_factor
@@ -443,15 +444,44 @@ def test_augmented_copies_are_plain_tensors():
     assert all(lab.dtype == torch.long and set(lab.unique().tolist()) <= {0, 1} for lab in labels)
 
 
-def test_augmentation_never_mirrors_left_and_right():
-    # a structure painted as "left" must stay on its side (mirroring cost 0.10 mean Dice on colin27_aal_lr)
-    from MedSAGaLib.training.data import augment, build_augmentation
-
+def _left_right_phantom():
     labels = torch.zeros(64, 64, dtype=torch.long)
     labels[20:44, 8:24] = 1
     labels[20:44, 40:56] = 2
-    image = (labels.float() / 2)[None].expand(3, -1, -1).contiguous()
-    transform, columns = build_augmentation(0), torch.arange(64).float()
-    for _ in range(20):  # with a mirror at p = 0.5 this would fail all but once in a million
-        _, out = augment(transform, image, labels)
-        assert columns[(out == 1).any(0)].mean() < columns[(out == 2).any(0)].mean()
+    return (labels.float() / 2)[None].expand(3, -1, -1).contiguous(), labels
+
+
+def _mirrored_copies(transform, image, labels, draws=20) -> int:
+    columns = torch.arange(labels.shape[1]).float()
+    outs = [augment(transform, image, labels)[1] for _ in range(draws)]
+    return sum(bool(columns[(o == 1).any(0)].mean() > columns[(o == 2).any(0)].mean()) for o in outs)
+
+
+def test_augmentation_never_mirrors_left_and_right_unless_asked():
+    # a structure painted as "left" must stay on its side (mirroring cost 0.10 mean Dice on colin27_aal_lr)
+    image, labels = _left_right_phantom()
+    assert _mirrored_copies(build_augmentation(0), image, labels) == 0
+    # with mirror=True, p = 0.5: no mirror in 20 draws would happen once in a million
+    assert _mirrored_copies(build_augmentation(0, mirror=True), image, labels) > 0
+
+
+def test_choose_mirror_only_when_every_class_lies_on_both_sides():
+    from MedSAGaLib.training.data import choose_mirror
+
+    _, lateral = _left_right_phantom()  # class 1 on the left, class 2 on the right: "left" and "right" structures
+    mirror, why = choose_mirror([lateral.numpy()] * 2, class_names=["caudate_left", "caudate_right"])
+    assert not mirror and "caudate_left, caudate_right painted on one side only" in why
+    merged = (lateral > 0).long().numpy()  # both sides as one class: a mirrored slice is still true
+    assert choose_mirror([merged, merged]) == (True, choose_mirror([merged])[1]) and choose_mirror([merged])[0]
+    # one lateral class among bilateral ones turns it off
+    mixed = merged.copy()
+    mixed[46:50, 8:12] = 2
+    assert choose_mirror([mixed])[0] is False
+    # a class painted only on one side, even alone in its slice, judged against all painted slices
+    only_left = np.zeros((64, 64), np.uint8)
+    only_left[20:44, 8:24] = 2
+    assert choose_mirror([merged, only_left])[0] is False
+    assert choose_mirror([merged, np.zeros((32, 64), np.uint8)])[0] is False  # shapes differ: no midline to judge
+    assert choose_mirror([lateral.numpy()], "on")[0] and not choose_mirror([merged], "off")[0]
+    with pytest.raises(TrainingError, match="--mirror"):
+        choose_mirror([merged], "sometimes")

@@ -141,13 +141,13 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
 
-    from ..training.data import BatchSampler, FewShotSlices, augment, build_augmentation
+    from ..training.data import BatchSampler, FewShotSlices, augment, build_augmentation, choose_mirror
 
     torch.manual_seed(seed)
     net = UNet(spatial_dims=2, in_channels=1, out_channels=num_classes + 1, channels=(16, 32, 64, 128, 256),
                strides=(2, 2, 2, 2), num_res_units=2)
     data = FewShotSlices(train_images, train_labels, image_size)
-    transform = build_augmentation(seed)
+    transform = build_augmentation(seed, mirror=choose_mirror(train_labels)[0])  # as the product decides
     sampler = BatchSampler(len(data), batch_size, seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.8, lambda_ce=0.2, batch=True)
@@ -168,7 +168,7 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
     net.eval()
     return net, losses

@@ -71,6 +71,8 @@ class FinetuneConfig:
     crop_margin: float = 0.25
     # data
     augment: bool = True
+    # left-right mirroring: "auto" only when every painted class lies on both sides (training.data.choose_mirror)
+    mirror: str = "auto"
     augment_copies: int = 4  # versions of each training slice (the first unaugmented) when stages are cached
     # validation
     val_every: int = 0  # 0: about four times per run
@@ -89,8 +91,10 @@ class FinetuneConfig:
             raise TrainingError("--steps must be at least 1.")
         if not self.time_budget > 0:
             raise TrainingError("--time-budget must be a positive number of seconds.")
-        if self.max_steps < 1 or self.patience < 1:
-            raise TrainingError("max_steps and patience must be at least 1.")
+        if self.max_steps < 1:
+            raise TrainingError(f"--max-steps must be at least 1 (got {self.max_steps}).")
+        if self.patience < 1:
+            raise TrainingError("patience must be at least 1.")
         if self.encoder_layers not in ENCODER_LAYERS:
             raise TrainingError(f"Unknown encoder layers {self.encoder_layers!r}; choose one of {', '.join(ENCODER_LAYERS)}.")
         if self.class_weighting not in ("none", "balanced"):
@@ -117,6 +121,8 @@ class FinetuneConfig:
             raise TrainingError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         if self.train_stages is not None and self.train_stages < 0:
             raise TrainingError("--train-stages cannot be negative.")
+        if self.mirror not in ("auto", "on", "off"):
+            raise TrainingError(f"Unknown --mirror {self.mirror!r}; choose auto, on or off.")
         if self.augment_copies < 1:
             raise TrainingError("augment_copies must be at least 1.")
         return self

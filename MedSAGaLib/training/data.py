@@ -1,8 +1,9 @@
 """Few-shot slices -> model tensors, with augmentation suited to a handful of slices (MONAI).
 
 Spatial augmentation (small rotation, zoom and shift) and intensity augmentation (scale, shift,
-gamma) are applied to image and labels together. There is no mirroring: slices come out of a volume in
-one orientation, and a mirrored slice shows a structure painted as "left" on the right. When the front of the encoder is frozen, each
+gamma) are applied to image and labels together. Mirroring left and right is used only where it keeps
+every label true (:func:`choose_mirror`): a mirrored slice shows a structure painted as "left" on the
+right. When the front of the encoder is frozen, each
 training slice is expanded once into a fixed pool of versions (the first unaugmented) whose frozen
 features are computed once; steps then sample from that pool.
 """
@@ -18,21 +19,63 @@ from ..preprocess import SliceTransform
 from .config import TrainingError
 
 
-def build_augmentation(seed: int = 0):
-    """MONAI dictionary transforms for ``{"image": [3,S,S] in [0,1], "label": [1,S,S]}``."""
+# a class counts as painted on both sides when at least this share of its pixels lies on its smaller side
+MIRROR_MIN_SIDE_SHARE = 0.25
+
+
+def choose_mirror(labels: Sequence[np.ndarray], setting: str = "auto",
+                  class_names: Optional[Sequence[str]] = None) -> tuple[bool, str]:
+    """Whether training may mirror slices left-right, and why (a sentence for the run's decisions).
+
+    ``"auto"`` mirrors only when every painted class lies on both sides of the middle of the painted
+    structures (caudate left and right as one class; grey matter): then a mirrored slice is still
+    labelled truly. A class painted on one side only (a "left" structure, or a single lesion) turns it
+    off. Measured on colin27_aal_lr, where each class is one side's structure: mirroring taught "left"
+    on both sides (docs/results/NOTES.md, "Realistic tasks").
+    """
+    if setting in ("on", "off"):
+        return setting == "on", f"mirroring {setting} (--mirror {setting})"
+    if setting != "auto":
+        raise TrainingError(f"Unknown --mirror {setting!r}; choose auto, on or off.")
+    arrays = [np.asarray(lab) for lab in labels]
+    if len({a.shape for a in arrays}) != 1:
+        return False, "no mirroring: the painted slices differ in shape"
+    columns = np.flatnonzero(np.any(np.stack([a > 0 for a in arrays]), axis=(0, 1)))
+    if columns.size == 0:
+        return False, "no mirroring: nothing painted"
+    middle = (columns[0] + columns[-1]) / 2.0
+    col = np.arange(arrays[0].shape[1])
+    one_sided = []
+    for value in sorted(int(v) for v in np.unique(np.concatenate([np.unique(a) for a in arrays])) if v > 0):
+        per_column = sum(np.count_nonzero(a == value, axis=0) for a in arrays)
+        left, right = per_column[col < middle].sum(), per_column[col > middle].sum()
+        if min(left, right) < MIRROR_MIN_SIDE_SHARE * max(1, left + right):
+            one_sided.append(value)
+    if one_sided:
+        names = [class_names[v - 1] if class_names and v <= len(class_names) else f"label {v}" for v in one_sided]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return False, (f"no mirroring: {shown} painted on one side only, and a mirrored slice would show "
+                       f"{'it' if len(names) == 1 else 'them'} on the other (--mirror on to force it)")
+    return True, "mirroring left-right: every class is painted on both sides of the middle"
+
+
+def build_augmentation(seed: int = 0, mirror: bool = False):
+    """MONAI dictionary transforms for ``{"image": [3,S,S] in [0,1], "label": [1,S,S]}``.
+
+    ``mirror``: also flip left-right half the time (only where :func:`choose_mirror` allows it).
+    """
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
         RandAffined,
+        RandFlipd,
         RandScaleIntensityd,
         RandShiftIntensityd,
     )
 
-    # No RandFlipd: measured on colin27_aal_lr (left and right structures apart, 5 painted slices, decoder-only,
-    # 240 steps, same seed) mirroring taught "left" on both sides: mean Dice 0.536 with it, 0.639 without
-    # (docs/results/NOTES.md, "Realistic tasks")
+    flips = [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=1)] if mirror else []
     transform = Compose(
-        [
+        flips + [
             RandAffined(
                 keys=("image", "label"),
                 prob=0.8,
@@ -97,9 +140,9 @@ class FewShotSlices:
     def __len__(self) -> int:
         return len(self.images)
 
-    def augmented_pool(self, copies: int, augment_enabled: bool, seed: int = 0):
+    def augmented_pool(self, copies: int, augment_enabled: bool, seed: int = 0, mirror: bool = False):
         """``copies`` versions of every slice (the first unaugmented): lists of images and labels."""
-        transform = build_augmentation(seed) if augment_enabled and copies > 1 else None
+        transform = build_augmentation(seed, mirror) if augment_enabled and copies > 1 else None
         images, labels = [], []
         for img, lab in zip(self.images, self.labels):
             images.append(img)

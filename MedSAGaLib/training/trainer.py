@@ -31,7 +31,8 @@ from .budget import PROBE_STEPS, REPLAN_STEPS, StepBudget
 from .config import FinetuneConfig, TrainingError
 from .diagnosis import stuck_classes
 from .distributed import DistributedTraining
-from .data import BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, select_validation
+from .data import (BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, choose_mirror,
+                   select_validation)
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
 from .lora import LoRAQKV, apply_lora, lora_parameters, merge_lora
 from .methods import AUTO, Method, choose_method, get_method
@@ -315,6 +316,9 @@ class Trainer:
             self.val_images = [roi.crop(x) for x in self.val_images]
             self.val_labels = [roi.crop(x) for x in self.val_labels]
         self.images01, self.labels = images01, labels
+        self.mirror, why = choose_mirror(labels, config.mirror, getattr(segmenter, "class_names", None))
+        if config.augment:
+            self.result.decisions.append(why)
         if config.method == AUTO:  # the product default: the method that did best on tasks like this one
             name, why = choose_method(resolve_device(config.device).type, roi is not None, config.train_stages)
             self.config = config = replace(config, method=name)
@@ -500,9 +504,10 @@ class Trainer:
         if split.whole:
             self.pool_images, self.pool_labels = train.images, train.labels
             self.pool_feats = None
-            self.online = build_augmentation(config.seed) if config.augment else None
+            self.online = build_augmentation(config.seed, self.mirror) if config.augment else None
         else:
-            self.pool_images, self.pool_labels = train.augmented_pool(config.augment_copies, config.augment, config.seed)
+            self.pool_images, self.pool_labels = train.augmented_pool(config.augment_copies, config.augment, config.seed,
+                                                                      self.mirror)
             self.pool_feats = self.prefix_features(self.pool_images, "prepare")
         timings = self.result.timings
         timings["prepare_slices"] = len(self.pool_images)
