@@ -75,8 +75,8 @@ def _settings(args) -> dict:
         warmup=args.warmup, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
         proj_type=args.proj_type, lora_rank=args.lora_rank, train_stages=args.train_stages,
         augment=not args.no_augment, checkpointing=args.checkpointing, precision=args.precision, device=args.device,
-        seed=args.seed, max_val_slices=args.max_val_slices, time_budget=args.time_budget, max_steps=args.max_steps, crop=args.crop, mirror=args.mirror,
-        class_weighting=args.class_weighting,
+        seed=args.seed, max_val_slices=args.max_val_slices, time_budget=args.time_budget, max_steps=args.max_steps,
+        crop=args.crop, mirror=args.mirror, class_weighting=args.class_weighting,
     )
 
 
