@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .training.config import PRECISIONS, FinetuneConfig
+from .training.config import PRECISIONS, SWITCHES, FinetuneConfig
 
 PROGRESS_MODES = ("auto", "tqdm", "json", "none")
 # the names of ``models.BASE_MODEL_REGISTRY`` (a test keeps them equal), here without importing torch
@@ -121,10 +121,10 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
            f"(default {_DEFAULTS.max_steps})", type=int, default=_DEFAULTS.max_steps),
     Option(("--crop",), "crop", "train and segment on the box around the painted structures, at a higher "
            f"resolution (default {_DEFAULTS.crop}: when they fill less than half of the slice)",
-           choices=("auto", "on", "off"), default=_DEFAULTS.crop),
+           choices=SWITCHES, default=_DEFAULTS.crop),
     Option(("--mirror",), "mirror", "left-right mirroring in the augmentation (default auto: only when every "
            "painted class lies on both sides of the middle, so no 'left' structure is shown on the right)",
-           choices=("auto", "on", "off"), default=_DEFAULTS.mirror),
+           choices=SWITCHES, default=_DEFAULTS.mirror),
     Option(("--class-weighting",), "class_weighting", f"class weights of the loss (default {_DEFAULTS.class_weighting})",
            choices=("none", "balanced"), default=_DEFAULTS.class_weighting),
     Option(("--feature-cache",), "feature_cache", "folder that keeps the frozen encoder features of the training "

@@ -10,6 +10,7 @@ from .methods import AUTO, METHODS  # noqa: F401 (re-exported)
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENCODER_LAYERS = ("all", "qkv")
+SWITCHES = ("auto", "on", "off")  # the settings of --crop and --mirror
 
 
 class TrainingError(ValueError):
@@ -99,7 +100,7 @@ class FinetuneConfig:
             raise TrainingError(f"Unknown encoder layers {self.encoder_layers!r}; choose one of {', '.join(ENCODER_LAYERS)}.")
         if self.class_weighting not in ("none", "balanced"):
             raise TrainingError(f"Unknown class weighting {self.class_weighting!r}; choose none or balanced.")
-        if self.crop not in ("auto", "on", "off"):
+        if self.crop not in SWITCHES:
             raise TrainingError(f"Unknown crop mode {self.crop!r}; choose auto, on or off.")
         if not 0 <= self.crop_margin <= 2:
             raise TrainingError("crop_margin must be between 0 and 2 (a fraction of the box size).")
@@ -121,7 +122,7 @@ class FinetuneConfig:
             raise TrainingError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         if self.train_stages is not None and self.train_stages < 0:
             raise TrainingError("--train-stages cannot be negative.")
-        if self.mirror not in ("auto", "on", "off"):
+        if self.mirror not in SWITCHES:
             raise TrainingError(f"Unknown --mirror {self.mirror!r}; choose auto, on or off.")
         if self.augment_copies < 1:
             raise TrainingError("augment_copies must be at least 1.")

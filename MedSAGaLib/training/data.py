@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..preprocess import SliceTransform
-from .config import TrainingError
+from .config import SWITCHES, TrainingError
 
 
 # a class counts as painted on both sides when at least this share of its pixels lies on its smaller side
@@ -33,21 +33,22 @@ def choose_mirror(labels: Sequence[np.ndarray], setting: str = "auto",
     off. Measured on colin27_aal_lr, where each class is one side's structure: mirroring taught "left"
     on both sides (docs/results/NOTES.md, "Realistic tasks").
     """
-    if setting in ("on", "off"):
-        return setting == "on", f"mirroring {setting} (--mirror {setting})"
+    if setting not in SWITCHES:
+        raise TrainingError(f"Unknown --mirror {setting!r}; choose {', '.join(SWITCHES)}.")
     if setting != "auto":
-        raise TrainingError(f"Unknown --mirror {setting!r}; choose auto, on or off.")
+        return setting == "on", f"mirroring {setting} (--mirror {setting})"
     arrays = [np.asarray(lab) for lab in labels]
     if len({a.shape for a in arrays}) != 1:
         return False, "no mirroring: the painted slices differ in shape"
-    columns = np.flatnonzero(np.any(np.stack([a > 0 for a in arrays]), axis=(0, 1)))
+    stack = np.stack(arrays)
+    columns = np.flatnonzero((stack > 0).any(axis=(0, 1)))
     if columns.size == 0:
         return False, "no mirroring: nothing painted"
     middle = (columns[0] + columns[-1]) / 2.0
-    col = np.arange(arrays[0].shape[1])
+    col = np.arange(stack.shape[2])
     one_sided = []
-    for value in sorted(int(v) for v in np.unique(np.concatenate([np.unique(a) for a in arrays])) if v > 0):
-        per_column = sum(np.count_nonzero(a == value, axis=0) for a in arrays)
+    for value in np.unique(stack[stack > 0]).tolist():
+        per_column = np.count_nonzero(stack == value, axis=(0, 1))
         left, right = per_column[col < middle].sum(), per_column[col > middle].sum()
         if min(left, right) < MIRROR_MIN_SIDE_SHARE * max(1, left + right):
             one_sided.append(value)
