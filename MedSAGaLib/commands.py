@@ -96,6 +96,9 @@ WINDOW = Option(("--window",), "window", "intensity window CENTRE,WIDTH or a CT 
 BACKEND = Option(("--backend",), "backend", "inference runtime: auto (default: OpenVINO on a CPU when installed and "
                  "the export pays off, else PyTorch), torch, openvino", choices=("auto", "torch", "openvino"),
                  default="auto")
+TTA = Option(("--tta",), "tta", "test-time mirroring: average each slice with its left-right mirror image "
+              "(default auto: when the model was trained with mirroring, see finetune --mirror; costs a second "
+              "encoder pass per slice)", choices=SWITCHES, default="auto")
 THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)
 IMAGE = Option(("--image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", required=True)
 LABELS = Option(("--labels",), "labels", "label volume on the image's grid, or a .seg.nrrd", required=True)
@@ -171,6 +174,7 @@ EVALUATE_OPTIONS = TASK_OPTIONS + (
     Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, 8 on a GPU)", type=int),
     Option(("--json",), "json", "print the results as JSON", flag=True),
     BACKEND,
+    TTA,
 )
 
 SEGMENT_OPTIONS = (
@@ -188,7 +192,7 @@ SEGMENT_OPTIONS = (
     Option(("--labelmap",), "labelmap", "also write a plain label volume (e.g. OUT.nii.gz)"),
     Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, where it is fastest; "
            "8 on a GPU)", type=int),
-    AXIS, SLICES, DEVICE, WINDOW, THREADS, BACKEND,
+    AXIS, SLICES, DEVICE, WINDOW, THREADS, BACKEND, TTA,
 )
 
 

@@ -13,6 +13,7 @@ from .head import ClassSegmenter
 from .models import BaseSam
 from .preprocess import SliceTransform
 from .slices import bounding_box, get_slice  # noqa: F401 (bounding_box re-exported)
+from .training.config import SWITCHES
 
 Progress = Union[bool, Callable[[int, int], None], None]
 
@@ -64,23 +65,47 @@ def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
     return [list(indices[i : i + size]) for i in range(0, len(indices), max(1, size))]
 
 
+def mirror_averaging(segmenter, setting: str = "auto") -> bool:
+    """Whether to average each slice's prediction with that of its left-right mirror image (``--tta``).
+
+    ``"auto"``: only for a model whose training mirrored its slices (``metadata["training"]["mirrored"]``,
+    decided by :func:`MedSAGaLib.training.data.choose_mirror`): such a model has learnt both views, and
+    averaging them gained about 0.02 mean Dice on colin27_aal (docs/results/NOTES.md). A model trained
+    without mirroring (left and right are different classes) would be told the wrong side, so it never
+    is by default. It costs a second encoder pass per slice.
+    """
+    if setting not in SWITCHES:
+        raise ValueError(f"Unknown --tta {setting!r}; choose {', '.join(SWITCHES)}.")
+    if setting != "auto":
+        return setting == "on"
+    training = (getattr(segmenter, "metadata", None) or {}).get("training") or {}
+    return training.get("mirrored") is True
+
+
 @torch.inference_mode()
 def predict_slices(
-    segmenter: ClassSegmenter, slices01: Sequence[np.ndarray], device: torch.device | str = "cpu"
+    segmenter: ClassSegmenter, slices01: Sequence[np.ndarray], device: torch.device | str = "cpu",
+    mirror: bool = False,
 ) -> list[np.ndarray]:
     """k+1-class probabilities are fused by argmax: 2-D slices -> label maps (0 = background).
 
     ``segmenter`` is a k-class segmenter or a runner of one (:func:`MedSAGaLib.backends.make_runner`).
     A model fine-tuned on a region of interest (``segmenter.roi``) sees only that box of each slice;
-    the rest of the slice is background.
+    the rest of the slice is background. ``mirror``: the probabilities are the mean of the slice's and
+    of its left-right mirror image's (mirrored back), as the model saw in training (:func:`mirror_averaging`).
     """
     roi = getattr(segmenter, "roi", None)
     if roi is not None:
-        return [roi.paste(p) for p in predict_slices(_without_roi(segmenter), [roi.crop(s) for s in slices01], device)]
+        crops = [roi.crop(s) for s in slices01]
+        return [roi.paste(p) for p in predict_slices(_without_roi(segmenter), crops, device, mirror)]
     transform = SliceTransform(segmenter.image_size)
     images = torch.stack([transform.to_model(s) for s in slices01]).to(device)
-    logits = segmenter(images).float().cpu()
-    return [transform.from_model(logits[n], s.shape).argmax(0).numpy().astype(np.uint8) for n, s in enumerate(slices01)]
+    scores = segmenter(images).float().cpu()
+    if mirror:
+        # the training augmentation flipped the whole model-size tensor (padding included): so does this
+        flipped = segmenter(torch.flip(images, dims=[-1])).float().cpu()
+        scores = scores.softmax(1) + torch.flip(flipped, dims=[-1]).softmax(1)
+    return [transform.from_model(scores[n], s.shape).argmax(0).numpy().astype(np.uint8) for n, s in enumerate(slices01)]
 
 
 class _without_roi:
@@ -106,8 +131,11 @@ def segment_volume(
     fast: bool = True,
     backend: str = "auto",
     cache_dir: Optional[str | Path] = None,
+    tta: str = "auto",
 ) -> np.ndarray:
     """Label every chosen slice of a [0, 1] volume; slices not chosen stay 0. Same shape as the input.
+
+    ``tta`` (``auto``, ``on``, ``off``): average each slice with its mirror image (:func:`mirror_averaging`).
 
     ``backend`` (``auto``, ``torch``, ``openvino``) runs the model; see :mod:`MedSAGaLib.backends`.
     ``cache_dir`` is where an OpenVINO export is kept (the CLI passes the folder next to the model
@@ -118,10 +146,12 @@ def segment_volume(
     device = torch.device(device)
     batch_size = batch_size or default_batch_size(device)
     indices = list(range(array01.shape[axis])) if slices is None else list(slices)
-    runner = make_runner(segmenter, "classes", backend, device, fast, cache_dir, slices=len(indices))
+    mirrored = mirror_averaging(segmenter, tta)
+    runner = make_runner(segmenter, "classes", backend, device, fast, cache_dir,
+                         slices=len(indices) * (2 if mirrored else 1))
     labels = np.zeros(array01.shape, dtype=np.uint8)
     for batch in _progress_iter(_batches(indices, batch_size), len(indices), progress, "Segmenting"):
-        predictions = predict_slices(runner, [get_slice(array01, axis, i) for i in batch], device)
+        predictions = predict_slices(runner, [get_slice(array01, axis, i) for i in batch], device, mirrored)
         for index, prediction in zip(batch, predictions):
             view = [slice(None)] * 3
             view[axis] = index

@@ -331,9 +331,11 @@ def evaluate_volume(
     device: str = "auto",
     progress: ProgressCallback = None,
     backend: str = "auto",
+    tta: str = "auto",
 ) -> Evaluation:
     """Segment the annotated slices (or ``slices``) with ``model`` (a file or a segmenter) and score
-    them against the reference labels, class by class (matched by name, else by order)."""
+    them against the reference labels, class by class (matched by name, else by order). ``tta``: test-time
+    mirroring, as :func:`MedSAGaLib.inference.mirror_averaging` decides."""
     from .inference import resolve_device, segment_volume
     from .metrics import evaluate_labels
 
@@ -351,7 +353,8 @@ def evaluate_volume(
         raise ValueError("The labels have no annotated slice to evaluate on; give --slices.")
     array01 = normalize_with(task.array, preprocessing_for(window, meta))
     pred = segment_volume(segmenter, array01, task.axis, slices, batch_size, resolve_device(device),
-                          progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model))
+                          progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model),
+                          tta=tta)
     stack = lambda volume: np.moveaxis(volume, task.axis, 0)[slices]  # noqa: E731
     metrics = evaluate_labels(stack(pred), stack(ref), segmenter.num_classes, task.spacing2d())
     rows = [dict(name=n, **metrics[c]) for c, n in enumerate(segmenter.class_names, start=1)]
@@ -405,11 +408,13 @@ def segment_file(
     device: str = "auto",
     progress: ProgressCallback = None,
     backend: str = "auto",
+    tta: str = "auto",
 ) -> Segmentation:
     """Segment a volume slice by slice and write a .seg.nrrd (and ``labelmap``, a plain label volume).
 
     ``model`` is an adapted model file or a segmenter in memory, or a base model name with ``classes``
     (an untrained head) or with ``boxes_from`` (a label volume whose per-slice bounding boxes prompt SAM, zero-shot).
+    ``tta``: test-time mirroring of an adapted model (:func:`MedSAGaLib.inference.mirror_averaging`).
     """
     from .inference import resolve_device, segment_volume, segment_with_boxes
     from .modelfile import is_model_file, load_model
@@ -452,7 +457,8 @@ def segment_file(
                                     device=torch_device, progress=_segment_progress(progress), backend=backend)
     else:
         labels = segment_volume(segmenter, array01, axis_index, chosen, batch_size, torch_device,
-                                progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model))
+                                progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model),
+                                tta=tta)
         names, colors = segmenter.class_names, segmenter.class_colors
     written = write_seg_nrrd(output, labels, sitk_image, names, colors)
     plain = write_labelmap(labelmap, labels, sitk_image) if labelmap else None

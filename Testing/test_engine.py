@@ -14,7 +14,7 @@ import torch
 from conftest import TINY_VIT, make_volume
 from MedSAGaLib.cli import main
 from MedSAGaLib.head import ClassSegmenter
-from MedSAGaLib.inference import segment_volume, segment_with_boxes
+from MedSAGaLib.inference import mirror_averaging, predict_slices, segment_volume, segment_with_boxes
 from MedSAGaLib.modelfile import ModelFileError, load_model, read_metadata, save_model
 from MedSAGaLib.models import ModelError, build_base_model
 from MedSAGaLib.preprocess import SliceTransform
@@ -100,6 +100,30 @@ def test_class_head_returns_k_plus_one_logits_and_labels_on_the_input_grid(tiny_
     sagittal = segment_volume(segmenter, volume, axis=2, slices=[4, 9], progress=False)
     assert sagittal.shape == volume.shape
     assert not sagittal[:, :, [0, 1, 2, 3]].any()
+
+
+def test_test_time_mirroring_averages_both_views_of_a_model_trained_with_them(tiny_vit_checkpoint):
+    segmenter = load_model("vit_b", class_names=["a", "b", "c"], checkpoint=tiny_vit_checkpoint, image_size=224).eval()
+    # auto: only a model whose training mirrored its slices (a "left" class must not be averaged with the right)
+    assert not mirror_averaging(segmenter) and mirror_averaging(segmenter, "on")
+    segmenter.metadata = {"training": {"mirrored": True}}
+    assert mirror_averaging(segmenter) and not mirror_averaging(segmenter, "off")
+    with pytest.raises(ValueError, match="--tta"):
+        mirror_averaging(segmenter, "both")
+    rng = np.random.default_rng(1)
+    slices = [rng.random((224, 224)).astype(np.float32) for _ in range(2)]  # the model's size: no padding
+    averaged = predict_slices(segmenter, slices, mirror=True)
+    with torch.no_grad():
+        x = torch.stack([SliceTransform(224).to_model(s) for s in slices])
+        probabilities = segmenter(x).softmax(1) + segmenter(x.flip(-1)).softmax(1).flip(-1)
+    assert np.array_equal(np.stack(averaged), probabilities.argmax(1).numpy())
+    assert not np.array_equal(np.stack(averaged), np.stack(predict_slices(segmenter, slices)))
+    # averaged over both views, the labels of a mirrored slice are the mirrored labels
+    flipped = predict_slices(segmenter, [s[:, ::-1].copy() for s in slices], mirror=True)
+    assert all(np.array_equal(f, a[:, ::-1]) for f, a in zip(flipped, averaged))
+    # segment_volume decides from the model (auto) and gives the same labels
+    assert np.array_equal(segment_volume(segmenter, np.stack(slices), axis=0, progress=False, backend="torch", fast=False),
+                          np.stack(averaged))
 
 
 def test_litemedsam_head_builds_from_the_pretrained_decoder(tmp_path):

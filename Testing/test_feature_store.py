@@ -33,6 +33,7 @@ def _run(checkpoint, images, labels, store, steps=3):
     config = FinetuneConfig(method="galore", steps=steps, augment_copies=2, crop="off", warmup=0, seed=0,
                             mirror="on")
     result = finetune(segmenter, images, labels, config, feature_store=store)
+    assert result.mirrored and result.metadata()["mirrored"] is True  # what inference.mirror_averaging reads
     return [h["loss"] for h in result.history if "loss" in h], result
 
 

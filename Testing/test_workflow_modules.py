@@ -134,14 +134,17 @@ def test_every_finetune_option_parses_back_to_its_value():
 
 def test_segment_and_evaluate_options_parse_back():
     values = dict(axis="j", slices="0:5", device="cpu", window="ct-soft", threads=1, checkpoint="c.pth",
-                  image_size=256, classes=["x"], boxes_from="lab.nrrd", box_margin=2, labelmap="o.nii.gz", batch_size=4)
+                  image_size=256, classes=["x"], boxes_from="lab.nrrd", box_margin=2, labelmap="o.nii.gz", batch_size=4,
+                  tta="off")
     args = _parser().parse_args(commands.segment_argv("img.nii", "m.medsaga", "o.seg.nrrd", **values))
     # segment takes several images (a cohort with --output-dir), so its positional is a list
     assert (args.command, args.image, args.model, args.output) == ("segment", ["img.nii"], "m.medsaga", "o.seg.nrrd")
     for dest, value in values.items():
         assert getattr(args, dest) == value, dest
-    args = _parser().parse_args(commands.evaluate_argv("img.nii", "lab.nrrd", "m.medsaga", json=True, slices=[1, 2]))
-    assert (args.command, args.model, args.json, args.slices) == ("evaluate", "m.medsaga", True, "1,2")
+    args = _parser().parse_args(commands.evaluate_argv("img.nii", "lab.nrrd", "m.medsaga", json=True, slices=[1, 2],
+                                                       tta="on"))
+    assert (args.command, args.model, args.json, args.slices, args.tta) == ("evaluate", "m.medsaga", True, "1,2", "on")
+    assert _parser().parse_args(commands.segment_argv("i", "m", "o")).tta == "auto"
 
 
 def test_registries_and_their_torch_free_names_agree():

@@ -119,14 +119,16 @@ def score(pred: np.ndarray, ref: np.ndarray, spacing2d, names) -> dict:
             "hd95_mm": mean_finite(m["hd95_mm"] for m in per_class.values())}
 
 
-def predict(segmenter, slices01: list[np.ndarray]) -> np.ndarray:
+def predict(segmenter, slices01: list[np.ndarray], mirror: bool = False) -> np.ndarray:
+    """Label maps of ``slices01``; ``mirror``: averaged with the mirror images, as ``medsaga segment`` does for
+    a model trained with mirroring (``inference.mirror_averaging``)."""
     from ..fastpath import inference_copy
     from ..inference import predict_slices
 
     fast = inference_copy(segmenter.eval())
     out = []
     for i in range(0, len(slices01), 4):
-        out.extend(predict_slices(fast, slices01[i : i + 4]))
+        out.extend(predict_slices(fast, slices01[i : i + 4], mirror=mirror))
     return np.stack(out)
 
 
@@ -174,7 +176,8 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
     return net, losses
 
 
-def predict_unet(net, slices01: list[np.ndarray], image_size: int) -> np.ndarray:
+def predict_unet(net, slices01: list[np.ndarray], image_size: int, mirror: bool = False) -> np.ndarray:
+    """``mirror``: averaged with the mirror images, as MedSAGa's own prediction of a model trained with them."""
     import torch
 
     from ..preprocess import SliceTransform
@@ -183,8 +186,11 @@ def predict_unet(net, slices01: list[np.ndarray], image_size: int) -> np.ndarray
     out = []
     with torch.inference_mode():
         for s in slices01:
-            logits = net(tf.to_model(s)[None, :1])[0]
-            out.append(tf.from_model(logits, s.shape).argmax(0).numpy().astype(np.uint8))
+            x = tf.to_model(s)[None, :1]
+            scores = net(x)[0]
+            if mirror:
+                scores = scores.softmax(0) + net(x.flip(-1))[0].softmax(0).flip(-1)
+            out.append(tf.from_model(scores, s.shape).argmax(0).numpy().astype(np.uint8))
     return np.stack(out)
 
 
@@ -196,12 +202,14 @@ def unet_baseline(train_images, train_labels, test_images, num_classes: int, ste
     both see the same pixels; its predictions are pasted back into whole slices.
     """
     from ..roi import choose_roi
+    from ..training.data import choose_mirror
 
     roi, _ = choose_roi(train_labels, crop)
     cut = roi.crop if roi is not None else (lambda x: x)
     net, losses = train_unet([cut(x) for x in train_images], [cut(x) for x in train_labels], num_classes, steps,
                              256, seed, lr=lr, time_budget=time_budget)
-    pred = predict_unet(net, [cut(x) for x in test_images], 256)
+    mirrored = choose_mirror([cut(x) for x in train_labels])[0]  # as train_unet decided
+    pred = predict_unet(net, [cut(x) for x in test_images], 256, mirror=mirrored)
     if roi is not None:
         pred = np.stack([roi.paste(p) for p in pred])
     return pred, roi, losses
@@ -383,8 +391,8 @@ def run_task(args, task: str) -> dict:
                         val_hd95_mm=float("nan"), seconds=0.0, error=f"no draw of {shots} slices holds every class")
         t0 = time.perf_counter()
         try:
-            segmenter, _ = train(method, lr, images, labs, cache, seed, args.warmup, settings)
-            s = score(predict(segmenter, val_images), val_ref, spacing2d, names)
+            segmenter, result = train(method, lr, images, labs, cache, seed, args.warmup, settings)
+            s = score(predict(segmenter, val_images, result.mirrored), val_ref, spacing2d, names)
         except TrainingError as error:
             s = dict(dice=float("nan"), hd95_mm=float("nan"), error=str(error))
         return dict(method=method, lr=lr, **({} if settings is None else {"config": settings}), shots=shots, seed=seed,
@@ -466,7 +474,7 @@ def run_task(args, task: str) -> dict:
                 t0 = time.perf_counter()
                 segmenter, result = train(method, lr_by_method[method], images, labs, cache, seed, args.warmup,
                                           config_by_method[method])
-                s = score(predict(segmenter, test_images), test_ref, spacing2d, names)
+                s = score(predict(segmenter, test_images, result.mirrored), test_ref, spacing2d, names)
                 row = dict(method=method, shots=shots, seed=seed, lr=lr_by_method[method], config=config_by_method[method],
                            train_slices=train_idx, decisions=result.decisions, stop_reason=result.stop_reason,
                            warnings=result.warnings, roi=result.roi, best_step=result.best_step,

@@ -70,6 +70,8 @@ class FinetuneResult:
     stop_reason: str = ""
     warnings: list = field(default_factory=list)  # classes not learned, with what to paint
     roi: Optional[dict] = None  # the crop box on the input slices, if any
+    # the augmentation mirrored slices left-right (so inference may average both views: inference.mirror_averaging)
+    mirrored: bool = False
 
     def time_summary(self) -> str:
         """Where the time went, as one sentence (``events.format_timings``)."""
@@ -98,6 +100,7 @@ class FinetuneResult:
             "warnings": list(self.warnings),
             "train_dice": dict(self.train_dice),
             "roi": self.roi,
+            "mirrored": self.mirrored,
             "timings": {k: round(float(v), 1) for k, v in self.timings.items()},
             "config": cfg,
         }
@@ -319,6 +322,7 @@ class Trainer:
         self.mirror, why = choose_mirror(labels, config.mirror, getattr(segmenter, "class_names", None))
         if config.augment:
             self.result.decisions.append(why)
+        self.result.mirrored = bool(self.mirror and config.augment)
         if config.method == AUTO:  # the product default: the method that did best on tasks like this one
             name, why = choose_method(resolve_device(config.device).type, roi is not None, config.train_stages)
             self.config = config = replace(config, method=name)
