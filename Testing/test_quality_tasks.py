@@ -13,7 +13,7 @@ import torch
 from MedSAGaLib.roi import CROP_BELOW_AREA, RegionOfInterest, choose_roi
 from MedSAGaLib.samples.mricron import TEMPLATES
 from MedSAGaLib.training.budget import StepBudget
-from MedSAGaLib.training.diagnosis import stuck_classes
+from MedSAGaLib.training.diagnosis import MIN_PAINTED_PIXELS, stuck_classes, thinly_painted_classes
 
 needs_mricron = pytest.mark.skipif(
     not (TEMPLATES / "aal.nii.gz").exists() or not (TEMPLATES / "ch2.nii.gz").exists(),
@@ -247,6 +247,20 @@ def test_with_nothing_held_out_a_class_is_judged_on_its_own_painted_slices():
     assert stuck_classes({"big": 0.9, "tiny": 0.3}, [lab], ["big", "tiny"], val_labels=[lab]) == []
 
 
+def test_a_thinly_painted_class_is_named_even_when_it_fits():
+    # colin27_aal_lr's amygdalae: 50 and 130 painted pixels, fit their painted slices, missed elsewhere
+    lab = np.zeros((40, 40), np.uint8)
+    lab[:20, :20] = 1  # 400 pixels per slice
+    lab[30:35, 30:35] = 2  # 25 pixels per slice
+    msgs = thinly_painted_classes([lab, lab], ["big", "small"])
+    assert len(msgs) == 1 and "'small' is painted on only 50 pixels (2 slice(s))" in msgs[0] and "largest" in msgs[0]
+    assert thinly_painted_classes([lab] * 6, ["big", "small"]) == []  # 150 pixels: enough
+    assert MIN_PAINTED_PIXELS == 150
+    # a class already named (not learned) is not named twice; an unpainted class is check_training_data's to refuse
+    assert thinly_painted_classes([lab, lab], ["big", "small"], named=["'small' was not learned ..."]) == []
+    assert thinly_painted_classes([(lab == 1).astype(np.uint8)], ["big", "small"]) == []
+
+
 def test_run_with_nothing_held_out_checks_each_class_on_the_painted_slices(tiny_model_file):
     from MedSAGaLib.modelfile import load_model
     from MedSAGaLib.training import FinetuneConfig, finetune
@@ -260,4 +274,6 @@ def test_run_with_nothing_held_out_checks_each_class_on_the_painted_slices(tiny_
     assert set(result.train_dice) == {"left", "right"} and result.metadata()["train_dice"] == result.train_dice
     named = {w.split("'")[1] for w in result.warnings}
     assert all(result.train_dice[c] >= 0.5 or c in named for c in ["left", "right"])
-    assert all("on the very slices it was painted on" in w for w in result.warnings)
+    assert all("on the very slices it was painted on" in w or "is painted on only" in w for w in result.warnings)
+    # "right" is painted on 72 pixels in all: named, once, whether or not it fit its painted slices
+    assert sum("'right'" in w for w in result.warnings) == 1

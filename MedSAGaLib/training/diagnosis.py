@@ -13,6 +13,12 @@ STUCK_DICE = 0.05  # validation Dice at or below this counts as "not learned"
 # docs/results/NOTES.md): on colin27_aal every class fit at 0.85-0.92; on colin27_aal_lr the two amygdalae
 # fit at 0.28 and 0.44 and scored 0.03 and 0.33 on the unpainted slices, every other class fit at >= 0.58.
 TRAINING_FIT_DICE = 0.5
+# A class painted on fewer pixels than this (all painted slices together, on the image's own grid) is named even
+# when it fits its painted slices: there is too little of it to learn its shape from. Measured on colin27_aal_lr
+# (5 painted slices, docs/results/NOTES.md): the two amygdalae, painted on 50 and 130 pixels (the edges of
+# structures 14-17 slices long), scored 0.07-0.58 on the unpainted slices in five runs and passed the fit check
+# in those of 2026-12-01; every other class of the three tasks was painted on 197 pixels or more and scored 0.60 or more.
+MIN_PAINTED_PIXELS = 150
 
 
 def painted_counts(labels: Sequence[np.ndarray], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,4 +71,19 @@ def stuck_classes(
     return messages
 
 
-__all__ = ["stuck_classes", "painted_counts", "STUCK_DICE", "TRAINING_FIT_DICE"]
+def thinly_painted_classes(train_labels: Sequence[np.ndarray], class_names: Sequence[str],
+                           named: Sequence[str] = (), min_pixels: int = MIN_PAINTED_PIXELS) -> list[str]:
+    """One sentence per class painted on fewer than ``min_pixels`` pixels in all (classes in ``named``,
+    already warned about, are left out), with what to paint."""
+    pixels, slices = painted_counts(train_labels, len(class_names))
+    messages = []
+    for c, name in enumerate(class_names):
+        if 0 < pixels[c] < min_pixels and not any(f"'{name}'" in m for m in named):
+            messages.append(f"'{name}' is painted on only {pixels[c]} pixels ({slices[c]} slice(s)), too few to learn its "
+                            "shape from; its unpainted slices may be missed. Paint it on a slice where it is largest, "
+                            "then fine-tune again.")
+    return messages
+
+
+__all__ = ["stuck_classes", "thinly_painted_classes", "painted_counts", "STUCK_DICE", "TRAINING_FIT_DICE",
+           "MIN_PAINTED_PIXELS"]

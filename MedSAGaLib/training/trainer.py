@@ -29,7 +29,7 @@ from ..preprocess import SliceTransform
 from ..roi import choose_roi
 from .budget import PROBE_STEPS, REPLAN_STEPS, StepBudget
 from .config import FinetuneConfig, TrainingError
-from .diagnosis import stuck_classes
+from .diagnosis import stuck_classes, thinly_painted_classes
 from .distributed import DistributedTraining
 from .data import (BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, choose_mirror,
                    select_validation)
@@ -707,6 +707,8 @@ class Trainer:
         elif result.steps_done > 0 and (self.ddp is None or self.ddp.is_main):
             result.train_dice = self.training_fit()
             result.warnings = stuck_classes(result.train_dice, self.painted_labels, names, on_training_slices=True)
+        if self.ddp is None or self.ddp.is_main:
+            result.warnings += thinly_painted_classes(self.painted_labels, names, named=result.warnings)
         return result
 
     def teardown(self) -> None:
