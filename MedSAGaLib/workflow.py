@@ -416,7 +416,7 @@ def segment_file(
     (an untrained head) or with ``boxes_from`` (a label volume whose per-slice bounding boxes prompt SAM, zero-shot).
     ``tta``: test-time mirroring of an adapted model (:func:`MedSAGaLib.inference.mirror_averaging`).
     """
-    from .inference import resolve_device, segment_volume, segment_with_boxes
+    from .inference import mirror_averaging, resolve_device, segment_volume, segment_with_boxes
     from .modelfile import is_model_file, load_model
     from .segio import read_class_labels, write_labelmap, write_seg_nrrd
 
@@ -456,6 +456,9 @@ def segment_file(
         labels = segment_with_boxes(base, array01, box_labels, axis_index, chosen, margin=box_margin,
                                     device=torch_device, progress=_segment_progress(progress), backend=backend)
     else:
+        if mirror_averaging(segmenter, tta):
+            why = "--tta on" if tta == "on" else "the model was trained with mirroring; --tta off skips it"
+            notes.append(f"each slice was also segmented mirrored left-right and the two averaged ({why}).")
         labels = segment_volume(segmenter, array01, axis_index, chosen, batch_size, torch_device,
                                 progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model),
                                 tta=tta)

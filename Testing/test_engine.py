@@ -102,7 +102,7 @@ def test_class_head_returns_k_plus_one_logits_and_labels_on_the_input_grid(tiny_
     assert not sagittal[:, :, [0, 1, 2, 3]].any()
 
 
-def test_test_time_mirroring_averages_both_views_of_a_model_trained_with_them(tiny_vit_checkpoint):
+def test_test_time_mirroring_averages_both_views_of_a_model_trained_with_them(tiny_vit_checkpoint, tmp_path):
     segmenter = load_model("vit_b", class_names=["a", "b", "c"], checkpoint=tiny_vit_checkpoint, image_size=224).eval()
     # auto: only a model whose training mirrored its slices (a "left" class must not be averaged with the right)
     assert not mirror_averaging(segmenter) and mirror_averaging(segmenter, "on")
@@ -124,6 +124,13 @@ def test_test_time_mirroring_averages_both_views_of_a_model_trained_with_them(ti
     # segment_volume decides from the model (auto) and gives the same labels
     assert np.array_equal(segment_volume(segmenter, np.stack(slices), axis=0, progress=False, backend="torch", fast=False),
                           np.stack(averaged))
+    # medsaga segment says so, and --tta off is heard
+    from MedSAGaLib.workflow import segment_file
+
+    image = sitk.GetImageFromArray(np.random.default_rng(2).random((2, 40, 40)).astype(np.float32))
+    said = segment_file(image, segmenter, tmp_path / "a.seg.nrrd", backend="torch").notes
+    assert any("mirrored left-right and the two averaged (the model was trained with mirroring" in n for n in said)
+    assert not segment_file(image, segmenter, tmp_path / "b.seg.nrrd", backend="torch", tta="off").notes
 
 
 def test_litemedsam_head_builds_from_the_pretrained_decoder(tmp_path):
