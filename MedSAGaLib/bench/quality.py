@@ -707,6 +707,7 @@ def plot(payload: dict, dice_path: Path, loss_path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..training import FinetuneConfig
+    from ..training.config import SWITCHES
 
     trainer = FinetuneConfig()  # the same recipe `medsaga finetune` uses, unless overridden here
     parser.add_argument("--task", nargs="+", default=["mni152_tissue"], metavar="TASK",
@@ -721,7 +722,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "by patience on the validation slices; the earlier MNI152 sweep used 60)")
     parser.add_argument("--time-budget", type=float, default=trainer.time_budget,
                         help=f"seconds per run when the steps are chosen by the data (default {trainer.time_budget:g}, as finetune)")
-    parser.add_argument("--crop", choices=("auto", "on", "off"), default=trainer.crop,
+    parser.add_argument("--crop", choices=SWITCHES, default=trainer.crop,
                         help=f"crop to the painted structures (default {trainer.crop}, as finetune)")
     parser.add_argument("--class-weighting", choices=("none", "balanced"), default=trainer.class_weighting,
                         help=f"class weights of the loss (default {trainer.class_weighting}, as finetune)")

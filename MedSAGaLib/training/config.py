@@ -10,7 +10,7 @@ from .methods import AUTO, METHODS  # noqa: F401 (re-exported)
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENCODER_LAYERS = ("all", "qkv")
-SWITCHES = ("auto", "on", "off")  # the settings of --crop and --mirror
+SWITCHES = ("auto", "on", "off")  # the settings of --crop, --mirror and (segment, evaluate) --tta
 
 
 class TrainingError(ValueError):
