@@ -82,6 +82,13 @@ def mirror_averaging(segmenter, setting: str = "auto") -> bool:
     return training.get("mirrored") is True
 
 
+def mirror_averaged(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of ``images`` [B, C, H, W], averaged with those of their left-right mirror images
+    (mirrored back). The flip is along the last axis of the whole tensor, padding included, as the training
+    augmentation flips a model-size slice (``training.data.build_augmentation``)."""
+    return (forward(images).float().softmax(1) + forward(images.flip(-1)).float().softmax(1).flip(-1)) / 2
+
+
 @torch.inference_mode()
 def predict_slices(
     segmenter: ClassSegmenter, slices01: Sequence[np.ndarray], device: torch.device | str = "cpu",
@@ -100,11 +107,7 @@ def predict_slices(
         return [roi.paste(p) for p in predict_slices(_without_roi(segmenter), crops, device, mirror)]
     transform = SliceTransform(segmenter.image_size)
     images = torch.stack([transform.to_model(s) for s in slices01]).to(device)
-    scores = segmenter(images).float().cpu()
-    if mirror:
-        # the training augmentation flipped the whole model-size tensor (padding included): so does this
-        flipped = segmenter(torch.flip(images, dims=[-1])).float().cpu()
-        scores = scores.softmax(1) + torch.flip(flipped, dims=[-1]).softmax(1)
+    scores = (mirror_averaged(segmenter, images) if mirror else segmenter(images).float()).cpu()
     return [transform.from_model(scores[n], s.shape).argmax(0).numpy().astype(np.uint8) for n, s in enumerate(slices01)]
 
 

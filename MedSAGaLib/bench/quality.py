@@ -180,6 +180,7 @@ def predict_unet(net, slices01: list[np.ndarray], image_size: int, mirror: bool 
     """``mirror``: averaged with the mirror images, as MedSAGa's own prediction of a model trained with them."""
     import torch
 
+    from ..inference import mirror_averaged
     from ..preprocess import SliceTransform
 
     tf = SliceTransform(image_size)
@@ -187,9 +188,7 @@ def predict_unet(net, slices01: list[np.ndarray], image_size: int, mirror: bool 
     with torch.inference_mode():
         for s in slices01:
             x = tf.to_model(s)[None, :1]
-            scores = net(x)[0]
-            if mirror:
-                scores = scores.softmax(0) + net(x.flip(-1))[0].softmax(0).flip(-1)
+            scores = (mirror_averaged(net, x) if mirror else net(x))[0]
             out.append(tf.from_model(scores, s.shape).argmax(0).numpy().astype(np.uint8))
     return np.stack(out)
 
