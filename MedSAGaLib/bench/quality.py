@@ -133,9 +133,11 @@ def predict(segmenter, slices01: list[np.ndarray], mirror: bool = False) -> np.n
 
 
 def train_unet(train_images, train_labels, num_classes: int, steps: int, image_size: int, seed: int,
-               batch_size: int = 2, lr: float = 1e-3, time_budget: Optional[float] = None):
+               batch_size: int = 2, lr: float = 1e-3, time_budget: Optional[float] = None,
+               mirror: Optional[bool] = None):
     """A MONAI U-Net from scratch on the same slices (same augmentation and input size as SAM).
 
+    ``mirror``: left-right mirroring in the augmentation; None decides as the product does (``choose_mirror``).
     With ``time_budget`` (seconds) the first steps are timed and ``steps`` becomes at most what fits in
     the budget, as the product's own fine-tuning plans its steps, so both get the same wall-clock.
     """
@@ -149,7 +151,9 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
     net = UNet(spatial_dims=2, in_channels=1, out_channels=num_classes + 1, channels=(16, 32, 64, 128, 256),
                strides=(2, 2, 2, 2), num_res_units=2)
     data = FewShotSlices(train_images, train_labels, image_size)
-    transform = build_augmentation(seed, mirror=choose_mirror(train_labels)[0])  # as the product decides
+    if mirror is None:
+        mirror = choose_mirror(train_labels)[0]
+    transform = build_augmentation(seed, mirror=mirror)
     sampler = BatchSampler(len(data), batch_size, seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.8, lambda_ce=0.2, batch=True)
@@ -205,9 +209,10 @@ def unet_baseline(train_images, train_labels, test_images, num_classes: int, ste
 
     roi, _ = choose_roi(train_labels, crop)
     cut = roi.crop if roi is not None else (lambda x: x)
-    net, losses = train_unet([cut(x) for x in train_images], [cut(x) for x in train_labels], num_classes, steps,
-                             256, seed, lr=lr, time_budget=time_budget)
-    mirrored = choose_mirror([cut(x) for x in train_labels])[0]  # as train_unet decided
+    labels = [cut(x) for x in train_labels]
+    mirrored = choose_mirror(labels)[0]  # as the product decides; trained and predicted alike
+    net, losses = train_unet([cut(x) for x in train_images], labels, num_classes, steps, 256, seed, lr=lr,
+                             time_budget=time_budget, mirror=mirrored)
     pred = predict_unet(net, [cut(x) for x in test_images], 256, mirror=mirrored)
     if roi is not None:
         pred = np.stack([roi.paste(p) for p in pred])
