@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch and torchvision first, pinned to the builds this machine's pip serves from its disk
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,int8]"
 	touch $(STAMP)
 
 # Debian's mricron-data ships the realistic benchmark tasks (Colin27 + AAL); tests that need it skip without it

@@ -136,7 +136,8 @@ def run_evaluate(args) -> int:
     try:
         evaluation = evaluate_volume(args.model, args.image, args.labels, axis=args.axis, slices=args.slices,
                                      window=args.window, batch_size=args.batch_size, device=args.device,
-                                     progress=progress, backend=args.backend, tta=args.tta)
+                                     progress=progress, backend=args.backend, tta=args.tta,
+                                     precision=args.inference_precision)
     finally:
         if progress is not None:
             progress.close()

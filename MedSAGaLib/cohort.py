@@ -206,9 +206,13 @@ class SegmentSettings:
     batch_size: Optional[int] = None  # not part of the result: excluded from the key
     device: str = "cpu"
     tta: str = "auto"  # test-time mirroring (inference.mirror_averaging)
+    precision: str = "f32"  # f32 or int8 (inference.segment_volume)
 
     def key(self) -> dict:
-        return {"axis": self.axis, "slices": self.slices, "window": self.window, "tta": self.tta}
+        key = {"axis": self.axis, "slices": self.slices, "window": self.window, "tta": self.tta}
+        if self.precision != "f32":  # f32 keeps the key of cohorts segmented before this setting existed
+            key["precision"] = self.precision
+        return key
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -355,7 +359,7 @@ def segment_image_file(
     image = read_volume(image_path)
     result = segment_file(image, segmenter, output, labelmap=labelmap, axis=settings.axis, slices=settings.slices,
                           window=settings.window, batch_size=settings.batch_size, device=settings.device,
-                          progress=progress, tta=settings.tta)
+                          progress=progress, tta=settings.tta, precision=settings.precision)
     return {"class_names": list(result.class_names), "voxels": result.voxel_counts(), "geometry": geometry_of(image)}
 
 
@@ -685,7 +689,7 @@ def run_segment_cohort(args) -> int:
         raise CohortError("--workers sizes the local cluster; a running --scheduler has its own workers.")
     items = expand_inputs(args.image, args.output_dir, args.inputs_csv, args.labelmaps)
     settings = SegmentSettings(axis=args.axis, slices=args.slices, window=args.window, batch_size=args.batch_size,
-                               device=args.device, tta=args.tta)
+                               device=args.device, tta=args.tta, precision=args.inference_precision)
     report = run_cohort(items, args.model, args.output_dir, settings, workers=args.workers, scheduler=args.scheduler,
                         torch_threads=args.threads_per_worker, progress=args.progress)
     if args.progress != "json":

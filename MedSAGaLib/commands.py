@@ -99,6 +99,10 @@ BACKEND = Option(("--backend",), "backend", "inference runtime: auto (default: O
 TTA = Option(("--tta",), "tta", "test-time mirroring: average each slice with its left-right mirror image "
               "(default auto: when the model was trained with mirroring, see finetune --mirror; costs a second "
               "encoder pass per slice)", choices=SWITCHES, default="auto")
+INFERENCE_PRECISION = Option(
+    ("--inference-precision",), "inference_precision", "f32 (default) or int8: an OpenVINO encoder quantised on 16 "
+    "slices of this volume (opt-in: about 2x faster on a CPU, about 99% of pixels as f32; needs nncf)",
+    choices=("f32", "int8"), default="f32")
 THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)
 IMAGE = Option(("--image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", required=True)
 LABELS = Option(("--labels",), "labels", "label volume on the image's grid, or a .seg.nrrd", required=True)
@@ -175,6 +179,7 @@ EVALUATE_OPTIONS = TASK_OPTIONS + (
     Option(("--json",), "json", "print the results as JSON", flag=True),
     BACKEND,
     TTA,
+    INFERENCE_PRECISION,
 )
 
 SEGMENT_OPTIONS = (
@@ -192,7 +197,7 @@ SEGMENT_OPTIONS = (
     Option(("--labelmap",), "labelmap", "also write a plain label volume (e.g. OUT.nii.gz)"),
     Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, where it is fastest; "
            "8 on a GPU)", type=int),
-    AXIS, SLICES, DEVICE, WINDOW, THREADS, BACKEND, TTA,
+    AXIS, SLICES, DEVICE, WINDOW, THREADS, BACKEND, TTA, INFERENCE_PRECISION,
 )
 
 

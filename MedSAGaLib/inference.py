@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .backends import make_runner
+from .backends import INFERENCE_PRECISIONS, make_runner
 from .head import ClassSegmenter
 from .models import BaseSam
 from .preprocess import SliceTransform
@@ -123,6 +123,24 @@ class _without_roi:
         return self._segmenter(images)
 
 
+def calibration_images(
+    segmenter, array01: np.ndarray, axis: int, indices: Sequence[int], count: Optional[int] = None
+) -> torch.Tensor:
+    """Model inputs [N, 3, S, S] of up to ``count`` slices evenly spread over ``indices`` (the model's crop
+    applied), which calibrate an int8 encoder on the volume it will segment."""
+    from .backends.openvino_backend import CALIBRATION_SLICES
+
+    count = count or CALIBRATION_SLICES
+    indices = list(indices)
+    if not indices:
+        raise ValueError("No slices to calibrate an int8 encoder on.")
+    picks = sorted({indices[int(round(p))] for p in np.linspace(0, len(indices) - 1, min(count, len(indices)))})
+    roi = getattr(segmenter, "roi", None)
+    transform = SliceTransform(segmenter.image_size)
+    crops = [get_slice(array01, axis, i) for i in picks]
+    return torch.stack([transform.to_model(roi.crop(c) if roi is not None else c) for c in crops])
+
+
 def segment_volume(
     segmenter: ClassSegmenter,
     array01: np.ndarray,
@@ -135,10 +153,13 @@ def segment_volume(
     backend: str = "auto",
     cache_dir: Optional[str | Path] = None,
     tta: str = "auto",
+    precision: str = "f32",
 ) -> np.ndarray:
     """Label every chosen slice of a [0, 1] volume; slices not chosen stay 0. Same shape as the input.
 
     ``tta`` (``auto``, ``on``, ``off``): average each slice with its mirror image (:func:`mirror_averaging`).
+    ``precision="int8"``: OpenVINO with an int8 encoder calibrated on :func:`calibration_images` of these
+    slices (opt-in; its agreement with f32 is measured in docs/results/NOTES.md, not guaranteed).
 
     ``backend`` (``auto``, ``torch``, ``openvino``) runs the model; see :mod:`MedSAGaLib.backends`.
     ``cache_dir`` is where an OpenVINO export is kept (the CLI passes the folder next to the model
@@ -150,8 +171,11 @@ def segment_volume(
     batch_size = batch_size or default_batch_size(device)
     indices = list(range(array01.shape[axis])) if slices is None else list(slices)
     mirrored = mirror_averaging(segmenter, tta)
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"Unknown --inference-precision {precision!r}; choose {', '.join(INFERENCE_PRECISIONS)}.")
+    calibration = calibration_images(segmenter, array01, axis, indices) if precision == "int8" else None
     runner = make_runner(segmenter, "classes", backend, device, fast, cache_dir,
-                         slices=len(indices) * (2 if mirrored else 1))
+                         slices=len(indices) * (2 if mirrored else 1), precision=precision, calibration=calibration)
     labels = np.zeros(array01.shape, dtype=np.uint8)
     for batch in _progress_iter(_batches(indices, batch_size), len(indices), progress, "Segmenting"):
         predictions = predict_slices(runner, [get_slice(array01, axis, i) for i in batch], device, mirrored)

@@ -332,10 +332,12 @@ def evaluate_volume(
     progress: ProgressCallback = None,
     backend: str = "auto",
     tta: str = "auto",
+    precision: str = "f32",
 ) -> Evaluation:
     """Segment the annotated slices (or ``slices``) with ``model`` (a file or a segmenter) and score
     them against the reference labels, class by class (matched by name, else by order). ``tta``: test-time
-    mirroring, as :func:`MedSAGaLib.inference.mirror_averaging` decides."""
+    mirroring, as :func:`MedSAGaLib.inference.mirror_averaging` decides; ``precision``: ``f32`` or ``int8``
+    (:func:`MedSAGaLib.inference.segment_volume`)."""
     from .inference import resolve_device, segment_volume
     from .metrics import evaluate_labels
 
@@ -354,7 +356,7 @@ def evaluate_volume(
     array01 = normalize_with(task.array, preprocessing_for(window, meta))
     pred = segment_volume(segmenter, array01, task.axis, slices, batch_size, resolve_device(device),
                           progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model),
-                          tta=tta)
+                          tta=tta, precision=precision)
     stack = lambda volume: np.moveaxis(volume, task.axis, 0)[slices]  # noqa: E731
     metrics = evaluate_labels(stack(pred), stack(ref), segmenter.num_classes, task.spacing2d())
     rows = [dict(name=n, **metrics[c]) for c, n in enumerate(segmenter.class_names, start=1)]
@@ -409,12 +411,14 @@ def segment_file(
     progress: ProgressCallback = None,
     backend: str = "auto",
     tta: str = "auto",
+    precision: str = "f32",
 ) -> Segmentation:
     """Segment a volume slice by slice and write a .seg.nrrd (and ``labelmap``, a plain label volume).
 
     ``model`` is an adapted model file or a segmenter in memory, or a base model name with ``classes``
     (an untrained head) or with ``boxes_from`` (a label volume whose per-slice bounding boxes prompt SAM, zero-shot).
     ``tta``: test-time mirroring of an adapted model (:func:`MedSAGaLib.inference.mirror_averaging`).
+    ``precision``: ``f32`` or ``int8`` for an adapted model (:func:`MedSAGaLib.inference.segment_volume`).
     """
     from .inference import mirror_averaging, resolve_device, segment_volume, segment_with_boxes
     from .modelfile import is_model_file, load_model
@@ -430,6 +434,8 @@ def segment_file(
     notes = []
     segmenter, meta = None, {}
     if boxes_from:
+        if precision != "f32":
+            raise ValueError("--inference-precision int8 is for adapted models; box prompts run in f32.")
         if hasattr(model, "class_names") or is_model_file(model):
             raise ValueError("--boxes-from prompts a base model; give --model litemedsam or vit_b/vit_l/vit_h with --checkpoint.")
         box_labels, names, colors = read_class_labels(boxes_from, sitk_image)
@@ -459,9 +465,12 @@ def segment_file(
         if mirror_averaging(segmenter, tta):
             why = "--tta on" if tta == "on" else "the model was trained with mirroring; --tta off skips it"
             notes.append(f"each slice was also segmented mirrored left-right and the two averaged ({why}).")
+        if precision == "int8":
+            notes.append("the image encoder ran in int8, quantised on slices of this volume (about 99% of pixels "
+                         "agree with f32 on the tasks measured); --inference-precision f32 is the reference.")
         labels = segment_volume(segmenter, array01, axis_index, chosen, batch_size, torch_device,
                                 progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model),
-                                tta=tta)
+                                tta=tta, precision=precision)
         names, colors = segmenter.class_names, segmenter.class_colors
     written = write_seg_nrrd(output, labels, sitk_image, names, colors)
     plain = write_labelmap(labelmap, labels, sitk_image) if labelmap else None

@@ -312,6 +312,13 @@ def test_backend_speed_report_states_the_f32_floor_of_the_machine():
     assert "OpenVINO f32 is 2.00x the fast path's speed" in text and "target <= 0.45 s missed" in text
     assert "(100 GFLOP/s at 2 threads) that alone takes 0.80 s" in text and "80.0 GFLOP per slice" in text
     assert "0.45 s would need 178 GFLOP/s (OpenVINO ran at 80% of the matmul rate)" in text
+    # The opt-in int8 encoder gets its own line; its box path is f32, so not timed again ("-").
+    int8 = dict(row("openvino-int8", 0.4), boxes_1_min=float("nan"), argmax_agreement=0.99)
+    text = backends_markdown(dict(payload, backends=payload["backends"] + [int8],
+                                  settings=dict(repeats=1, box_counts=[1], backends=["torch-fast", "openvino", "openvino-int8"])))
+    assert "| openvino-int8 | 2 | 0.400 | 0.400 | 0.800 | 0.400 | 0.100 | - |" in text
+    assert "int8 encoder (opt-in, `--inference-precision int8`) 0.400 s/slice" in text
+    assert "99.000% with torch-fast on this slice: <= 0.45 s met" in text
 
 
 def test_unet_baseline_plans_its_steps_from_a_time_budget():

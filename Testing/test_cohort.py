@@ -172,6 +172,7 @@ def test_cohort_matches_one_process_segment_reports_bad_inputs_and_skips_on_reru
     Path(items[1].output).write_bytes(Path(items[1].output).read_bytes()[:100])  # a truncated output
     assert completed_row(items[1], report.model_sha256, SegmentSettings()) is None
     assert completed_row(items[0], report.model_sha256, SegmentSettings(slices="0:2")) is None
+    assert completed_row(items[0], report.model_sha256, SegmentSettings(precision="int8")) is None  # int8 labels differ
     rerun = _bounded(lambda: run_cohort(items, tiny_model_file, out, scheduler=local.scheduler_address, progress="none"))
     assert [r["status"] for r in rerun.rows] == ["skipped", "done", "skipped", "failed", "failed"]
     np.testing.assert_array_equal(_read_seg(items[1].output)[0],

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 BACKENDS = ("auto", "torch", "openvino")
+INFERENCE_PRECISIONS = ("f32", "int8")
 AUTO_MIN_SLICES = 24
 
 
@@ -42,6 +43,10 @@ def choose_backend(
     if name not in BACKENDS:
         raise ValueError(f"Unknown backend {name!r}; use one of {', '.join(BACKENDS)}.")
     on_cpu = torch.device(device).type == "cpu"
+    if precision != "f32":  # only OpenVINO offers a lower precision: auto means it, torch cannot
+        if name == "torch":
+            raise ValueError(f"--inference-precision {precision} runs on the OpenVINO backend; use --backend openvino or auto.")
+        name = "openvino"
     if name == "openvino":
         if not on_cpu:
             raise ValueError(f"The OpenVINO backend runs on the CPU; it cannot run on device {device}. Use --device cpu.")
@@ -70,10 +75,13 @@ def make_runner(
     cache_dir: Optional[str | Path] = None,
     slices: Optional[int] = None,
     precision: str = "f32",
+    calibration: Optional[torch.Tensor] = None,
 ):
     """A runner for a k-class segmenter (``kind='classes'``) or a base model's box prompts (``'boxes'``).
 
     ``fast=False`` with ``auto`` means the model exactly as it is: the plain PyTorch reference.
+    ``precision="int8"``: OpenVINO with an int8 encoder calibrated on ``calibration`` (model inputs
+    [N, 3, S, S] of the volume to segment); never a silent fallback to PyTorch.
     """
     requested = (backend or "auto").lower()
     if requested == "auto" and not fast:
@@ -83,9 +91,9 @@ def make_runner(
         from .openvino_backend import OpenVinoRunner
 
         try:
-            return OpenVinoRunner(model, kind, cache_dir=cache_dir, precision=precision)
+            return OpenVinoRunner(model, kind, cache_dir=cache_dir, precision=precision, calibration=calibration)
         except Exception as exc:  # an op the converter lacks, a broken install: PyTorch still works
-            if requested == "openvino":
+            if requested == "openvino" or precision != "f32":
                 raise
             warnings.warn(f"OpenVINO export failed ({type(exc).__name__}: {exc}); running PyTorch instead.")
             print(f"Note: OpenVINO export failed ({exc}); using PyTorch.", file=sys.stderr)
@@ -94,4 +102,4 @@ def make_runner(
     return TorchRunner(model, device, fast=fast)
 
 
-__all__ = ["BACKENDS", "AUTO_MIN_SLICES", "choose_backend", "make_runner", "openvino_available"]
+__all__ = ["BACKENDS", "INFERENCE_PRECISIONS", "AUTO_MIN_SLICES", "choose_backend", "make_runner", "openvino_available"]

@@ -9,10 +9,19 @@ The encoder and the decoder are exported and cached apart (:mod:`.cache`), each 
 checksum of its own weights, the OpenVINO and torch versions, the precision and this module's
 export version: fine-tuned weights, a new runtime or a changed export never reuse a stale IR, while
 a k-class head and box prompts on the same base model share one encoder export.
+
+``precision="int8"`` (opt-in, k-class models) quantises the encoder's f32 export with NNCF's
+post-training quantisation, calibrated on slices of the volume being segmented; TinyViT's leading
+convolutions (everything before the first matrix multiplication) stay f32, because quantising them
+cost about 1.5 points of pixel agreement with f32 on colin27_aal (docs/results/NOTES.md). The decoder
+stays f32. The int8 export is cached like the others, keyed also by the calibration slices.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +36,9 @@ from .cache import cache_key, cached_entry, user_cache_dir, valid_entry, weights
 
 # Raise when the exported graphs change (their inputs, outputs or what they compute).
 EXPORT_VERSION = 1
-PRECISIONS = ("f32",)
+PRECISIONS = ("f32", "int8")
+# Slices of the volume that calibrate an int8 encoder (evenly spread over the slices to segment).
+CALIBRATION_SLICES = 16
 KINDS = ("classes", "boxes")
 # The user cache keeps this many exports (least recently used go first).
 USER_CACHE_ENTRIES = 16
@@ -81,7 +92,8 @@ def _part_modules(model: nn.Module, part: str) -> nn.Module:
     return nn.ModuleDict({"prompt_encoder": model.prompt_encoder, "mask_decoder": model.mask_decoder})
 
 
-def part_key(model: nn.Module, part: str, precision: str) -> str:
+def part_key(model: nn.Module, part: str, precision: str, calibration: Optional[np.ndarray] = None) -> str:
+    """The cache key of one exported part; ``calibration`` (the int8 encoder's slices) is part of it."""
     import openvino
 
     fields = {
@@ -96,7 +108,54 @@ def part_key(model: nn.Module, part: str, precision: str) -> str:
     if part == "encoder":
         fields["pixel_mean"] = model.pixel_mean.flatten().tolist()
         fields["pixel_std"] = model.pixel_std.flatten().tolist()
+    if calibration is not None:
+        array = np.ascontiguousarray(calibration, dtype=np.float32)
+        fields["calibration"] = hashlib.sha256(array.tobytes()).hexdigest() + str(array.shape)
+        fields["nncf"] = nncf_version()
     return cache_key(fields)
+
+
+def nncf_version() -> Optional[str]:
+    try:
+        import nncf
+    except ImportError:
+        return None
+    return nncf.__version__
+
+
+def leading_convolutions(ov_model) -> list[str]:
+    """Names of the convolutions that run before the encoder's first matrix multiplication (TinyViT's
+    convolutional stage, SAM ViT's patch embedding): the layers an int8 encoder keeps in f32."""
+    names = []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() == "MatMul":
+            break
+        if op.get_type_name() in ("Convolution", "GroupConvolution"):
+            names.append(op.get_friendly_name())
+    return names
+
+
+def quantize_encoder(f32_xml: Path, calibration: np.ndarray, folder: Path) -> dict:
+    """Post-training int8 quantisation of an exported f32 encoder (``encoder.xml`` in ``folder``).
+
+    ``calibration``: model inputs [N, 3, S, S] in [0, 1], real slices of the task. NNCF's mixed preset
+    and transformer model type keep softmax, layer norms and GELUs in f32."""
+    import logging
+
+    import nncf
+    import openvino as ov
+
+    nncf.set_log_level(logging.ERROR)
+    started = time.perf_counter()
+    f32 = ov.Core().read_model(f32_xml)
+    samples = [np.ascontiguousarray(calibration[n : n + 1], dtype=np.float32) for n in range(len(calibration))]
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF draws progress bars; stdout may carry --progress json
+        quantized = nncf.quantize(
+            f32, nncf.Dataset(samples), subset_size=len(samples), preset=nncf.QuantizationPreset.MIXED,
+            model_type=nncf.ModelType.TRANSFORMER, ignored_scope=nncf.IgnoredScope(names=leading_convolutions(f32)))
+    ov.save_model(quantized, str(folder / "encoder.xml"), compress_to_fp16=False)
+    return {"part": "encoder", "precision": "int8", "calibration_slices": len(samples), "nncf": nncf.__version__,
+            "export_seconds": round(time.perf_counter() - started, 2), "openvino": ov.__version__}
 
 
 def parts_for(kind: str) -> tuple[str, str]:
@@ -122,6 +181,20 @@ def is_cached(model: nn.Module, kind: str, cache_dir: Optional[str | Path] = Non
         if not valid_entry(root / name, key):
             return False
     return True
+
+
+def check_int8_request(kind: str, calibration) -> np.ndarray:
+    """The calibration slices of an int8 encoder as float32 [N, 3, S, S], or a clear error."""
+    if kind != "classes":
+        raise ValueError("int8 inference is offered for adapted k-class models only; box prompts run in f32.")
+    if nncf_version() is None:
+        raise ValueError("int8 inference needs the 'nncf' package (pip install nncf), or use --inference-precision f32.")
+    if calibration is None or len(calibration) == 0:
+        raise ValueError("int8 inference needs calibration slices of the volume to segment.")
+    array = calibration.detach().cpu().float().numpy() if isinstance(calibration, torch.Tensor) else np.asarray(calibration, np.float32)
+    if array.ndim != 4 or array.shape[1] != 3:
+        raise ValueError(f"Calibration slices must be model inputs [N, 3, S, S]; got shape {tuple(array.shape)}.")
+    return array
 
 
 def export_part(model: nn.Module, part: str, folder: Path) -> dict:
@@ -181,6 +254,7 @@ class OpenVinoRunner:
         cache_dir: Optional[str | Path] = None,
         precision: str = "f32",
         threads: Optional[int] = None,
+        calibration: Optional[torch.Tensor | np.ndarray] = None,
     ) -> None:
         import openvino as ov
 
@@ -188,27 +262,41 @@ class OpenVinoRunner:
             raise ValueError(
                 f"OpenVINO precision {precision!r} is not offered: only {', '.join(PRECISIONS)}, whose masks are "
                 "tested against PyTorch's.")
+        if precision == "int8":
+            calibration = check_int8_request(kind, calibration)
         self.image_size = model.image_size
         self.roi = getattr(model, "roi", None)  # a crop the model was fine-tuned on (predict_slices applies it)
         self.kind = kind
         self.precision = precision
         started = time.perf_counter()
         core = ov.Core()
-        config = compile_config(precision, threads)
+        # The int8 IR carries its own quantised layers; every other layer runs f32, as in the f32 export.
+        config = compile_config("f32", threads)
+        keep = 4 if cache_dir is not None else USER_CACHE_ENTRIES
         compiled, self.built, self.folders = [], [], []
         for part in parts_for(kind):
-            key = part_key(model, part, precision)
+            key = part_key(model, part, "f32")
             root, name = cache_location(model, part, cache_dir, key)
             folder, built = cached_entry(root, name, key, lambda f, part=part: export_part(model, part, f),
-                                         keep_entries=4 if cache_dir is not None else USER_CACHE_ENTRIES)
-            compiled.append(core.compile_model(core.read_model(folder / f"{part}.xml"), "CPU", config))
+                                         keep_entries=keep)
+            if part == "encoder" and precision == "int8":
+                if built:
+                    self.built.append(part)
+                key = part_key(model, part, "int8", calibration)
+                root, name = cache_location(model, f"{part}-int8", cache_dir, key)
+                folder, built = cached_entry(root, name, key,
+                                             lambda f, source=folder: quantize_encoder(source / "encoder.xml", calibration, f),
+                                             keep_entries=keep)
+                part = f"{part}-int8"
+            compiled.append(core.compile_model(core.read_model(folder / ("encoder.xml" if "encoder" in part else f"{part}.xml")),
+                                               "CPU", config))
             self.folders.append(folder)
             if built:
                 self.built.append(part)
         self.encoder, self.decoder = compiled
         self.prepare_seconds = time.perf_counter() - started
         self.threads = config["INFERENCE_NUM_THREADS"]
-        self.description = f"OpenVINO {ov.__version__} ({precision}, {self.threads} threads)"
+        self.description = f"OpenVINO {ov.__version__} ({'int8 encoder' if precision == 'int8' else precision}, {self.threads} threads)"
         self._encoder_request = self.encoder.create_infer_request()
         self._decoder_request = self.decoder.create_infer_request()
 

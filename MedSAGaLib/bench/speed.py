@@ -144,16 +144,26 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def _real_slice():
-    """An axial MNI152 T1 slice in [0, 1] (real anatomy), and its GM/WM labels."""
+def _real_volume():
+    """The MNI152 T1 in [0, 1] (real anatomy) and its GM/WM labels, axial slices first."""
     import SimpleITK as sitk
 
     from ..samples.mni152 import mni152_tissue_labels
     from ..volume import normalize_intensity
 
     t1, labels = mni152_tissue_labels()
-    array01 = normalize_intensity(sitk.GetArrayFromImage(t1).astype(np.float32))
-    return array01[90], sitk.GetArrayFromImage(labels)[90]
+    return normalize_intensity(sitk.GetArrayFromImage(t1).astype(np.float32)), sitk.GetArrayFromImage(labels)
+
+
+def _real_slice():
+    """An axial MNI152 T1 slice in [0, 1], and its GM/WM labels."""
+    array01, labels = _real_volume()
+    return array01[90], labels[90]
+
+
+# --backends names: (backend, fast path, inference precision)
+BACKEND_RUNS = {"torch-plain": ("torch", False, "f32"), "torch-fast": ("torch", True, "f32"),
+                "openvino": ("openvino", True, "f32"), "openvino-int8": ("openvino", True, "int8")}
 
 
 def _boxes_for(labels: np.ndarray, count: int) -> list[list[float]]:
@@ -192,10 +202,16 @@ def bench_backends(model: str, backends, threads_list, repeats: int, box_counts)
         log(f"fp32 matmul: {peak / 1e9:.0f} GFLOP/s at {threads} thread(s); the model needs {flops / 1e9:.1f} GFLOP per slice")
         runners, box_runners = {}, {}
         for name in backends:
-            backend, fast = {"torch-plain": ("torch", False), "torch-fast": ("torch", True), "openvino": ("openvino", True)}[name]
+            backend, fast, precision = BACKEND_RUNS[name]
             t0 = time.perf_counter()
-            runners[name] = make_runner(seg, "classes", backend, "cpu", fast)
-            box_runners[name] = make_runner(base_model, "boxes", backend, "cpu", fast)
+            calibration = None
+            if precision == "int8":  # calibrated on 16 other axial slices of the volume (slice 90 is not one)
+                from ..inference import calibration_images
+
+                calibration = calibration_images(seg, _real_volume()[0], 0, range(40, 160))
+            runners[name] = make_runner(seg, "classes", backend, "cpu", fast, precision=precision, calibration=calibration)
+            # int8 is offered for k-class models only: its box path is the f32 one, so it is not timed again
+            box_runners[name] = make_runner(base_model, "boxes", backend, "cpu", fast) if precision == "f32" else None
             log(f"{name} at {threads} thread(s) ready in {time.perf_counter() - t0:.1f} s")
         reference = runners[backends[0]](image)
         boxes = {n: torch.tensor([transform.box_to_model(b, labels.shape) for b in _boxes_for(labels, n)]) for n in box_counts}
@@ -215,6 +231,9 @@ def bench_backends(model: str, backends, threads_list, repeats: int, box_counts)
                 record["total"].append(w2 - w0)
                 record["cpu_total"].append(c2 - c0)
                 for n, box in boxes.items():
+                    if box_runners[name] is None:
+                        record[f"boxes_{n}"].append(float("nan"))
+                        continue
                     w0 = time.perf_counter()
                     box_runners[name].decode_boxes(box_runners[name].encode(image), box)
                     record[f"boxes_{n}"].append(time.perf_counter() - w0)
@@ -252,7 +271,8 @@ def backends_markdown(payload: dict) -> str:
              + " | max logit diff | argmax agree | load avg |",
              "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(payload["settings"]["box_counts"]) + "---:|---:|---|"]
     for r in payload["backends"]:
-        boxes = " | ".join(f"{r[f'boxes_{n}_min']:.3f}" for n in payload["settings"]["box_counts"])
+        boxes = " | ".join("-" if np.isnan(r[f"boxes_{n}_min"]) else f"{r[f'boxes_{n}_min']:.3f}"
+                           for n in payload["settings"]["box_counts"])
         lines.append(f"| {r['model']} {r['image_size']} | {r['backend']} | {r['threads']} | {r['total_min']:.3f} | "
                      f"{r['total_median']:.3f} | {r['cpu_total_min']:.3f} | {r['encoder_min']:.3f} | {r['decoder_min']:.3f} | {boxes} | "
                      f"{r['max_abs_logit_diff']:.1e} | {100 * r['argmax_agreement']:.3f}% | "
@@ -278,6 +298,12 @@ def backends_markdown(payload: dict) -> str:
                              f"{ov['total_median']:.3f} s (median): target <= 0.45 s "
                              f"{'met' if ov['total_min'] <= 0.45 else 'missed'} in this run (load average "
                              f"{ov['load_average_before'][0]:.1f}; {ov['cpu_total_min']:.3f} CPU-s per slice).{floor}")
+        if "openvino-int8" in by:
+            q = by["openvino-int8"]
+            lines.append(f"- {threads} thread(s): OpenVINO with an int8 encoder (opt-in, `--inference-precision int8`) "
+                         f"{q['total_min']:.3f} s/slice (min), {q['total_median']:.3f} s (median), argmax agreement "
+                         f"{100 * q['argmax_agreement']:.3f}% with {payload['settings']['backends'][0]} on this slice"
+                         + (f": <= 0.45 s {'met' if q['total_min'] <= 0.45 else 'missed'}" if threads == 2 else "") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -353,7 +379,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-stages", type=int, default=None, help="default: the trainer's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--backends", nargs="*", default=None, choices=["torch-plain", "torch-fast", "openvino"],
+    parser.add_argument("--backends", nargs="*", default=None, choices=list(BACKEND_RUNS),
                         help="compare these inference backends side by side (interleaved) instead of the default runs")
     parser.add_argument("--backend-threads", type=int, nargs="+", default=[2, 1], help="thread counts for --backends")
     parser.add_argument("--box-counts", type=int, nargs="+", default=[1, 6], help="boxes per slice timed by --backends")
