@@ -100,9 +100,9 @@ TTA = Option(("--tta",), "tta", "test-time mirroring: average each slice with it
               "(default auto: when the model was trained with mirroring, see finetune --mirror; costs a second "
               "encoder pass per slice)", choices=SWITCHES, default="auto")
 INFERENCE_PRECISION = Option(
-    ("--inference-precision",), "inference_precision", "f32 (default) or int8: an OpenVINO encoder quantised on 16 "
-    "slices of this volume (opt-in: about 2x faster on a CPU, about 99% of pixels as f32; needs nncf)",
-    choices=("f32", "int8"), default="f32")
+    ("--inference-precision",), "inference_precision", "f32 (default); int8: an OpenVINO encoder quantised on 16 "
+    "slices of this volume (needs nncf); bf16: OpenVINO at bf16 on a CPU with bf16 units. Both opt-in: faster on a "
+    "CPU, with about 99%% of pixels as f32 (README)", choices=("f32", "int8", "bf16"), default="f32")
 THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)
 IMAGE = Option(("--image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", required=True)
 LABELS = Option(("--labels",), "labels", "label volume on the image's grid, or a .seg.nrrd", required=True)

@@ -159,7 +159,8 @@ def segment_volume(
 
     ``tta`` (``auto``, ``on``, ``off``): average each slice with its mirror image (:func:`mirror_averaging`).
     ``precision="int8"``: OpenVINO with an int8 encoder calibrated on :func:`calibration_images` of these
-    slices (opt-in; its agreement with f32 is measured in docs/results/NOTES.md, not guaranteed).
+    slices; ``"bf16"``: OpenVINO at bf16 on a CPU with bf16 units (both opt-in; their agreement with f32 is
+    measured in docs/results/NOTES.md, not guaranteed).
 
     ``backend`` (``auto``, ``torch``, ``openvino``) runs the model; see :mod:`MedSAGaLib.backends`.
     ``cache_dir`` is where an OpenVINO export is kept (the CLI passes the folder next to the model

@@ -151,7 +151,7 @@ def test_openvino_refuses_an_untested_precision(tiny_model_file):
     with pytest.raises(ValueError, match="not offered"):
         from MedSAGaLib.backends.openvino_backend import OpenVinoRunner
 
-        OpenVinoRunner(load_model(tiny_model_file), precision="bf16")
+        OpenVinoRunner(load_model(tiny_model_file), precision="int4")
 
 
 needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="nncf is not installed")
@@ -213,3 +213,26 @@ def test_int8_litemedsam_agrees_with_f32_on_unseen_mni152_slices(mni_arrays, tmp
           f"mean |logit diff| {relative:.3f} of the logits' spread, max {float((a - b).abs().max()):.2e}")
     assert same >= 0.97
     assert 0 < relative < 0.1
+
+
+@needs_openvino
+def test_bf16_reuses_the_f32_export_and_is_refused_without_bf16_units(tiny_model_file, mni_arrays, tmp_path, monkeypatch):
+    from MedSAGaLib.backends import openvino_backend
+
+    array01, _ = mni_arrays
+    segmenter = load_model(tiny_model_file)
+    cache = tmp_path / "tiny.medsaga.openvino"
+    f32 = make_runner(segmenter, backend="openvino", cache_dir=cache)
+    with monkeypatch.context() as patch:  # a CPU without bf16 units: refused by name, never emulated
+        patch.setattr(openvino_backend, "cpu_has_bf16", lambda: False)
+        with pytest.raises(ValueError, match="bf16 units"):
+            make_runner(segmenter, backend="auto", cache_dir=cache, precision="bf16")
+    with pytest.raises(ValueError, match="OpenVINO backend"):
+        make_runner(segmenter, backend="torch", precision="bf16")
+    if not openvino_backend.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 units")
+    bf16 = make_runner(segmenter, backend="auto", cache_dir=cache, precision="bf16")
+    assert bf16.name == "openvino" and bf16.built == [] and "bf16" in bf16.description  # the same f32 IR
+    same, worst = agreement(f32, bf16, [array01[z] for z in (60, 90, 120)])
+    print(f"tiny ViT, OpenVINO bf16 vs f32: argmax agreement {100 * same:.3f}%, max logit diff {worst:.2e}")
+    assert same >= 0.97 and worst > 0  # bf16 for real, close to f32

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 BACKENDS = ("auto", "torch", "openvino")
-INFERENCE_PRECISIONS = ("f32", "int8")
+INFERENCE_PRECISIONS = ("f32", "int8", "bf16")
 AUTO_MIN_SLICES = 24
 
 
@@ -81,7 +81,8 @@ def make_runner(
 
     ``fast=False`` with ``auto`` means the model exactly as it is: the plain PyTorch reference.
     ``precision="int8"``: OpenVINO with an int8 encoder calibrated on ``calibration`` (model inputs
-    [N, 3, S, S] of the volume to segment); never a silent fallback to PyTorch.
+    [N, 3, S, S] of the volume to segment); ``"bf16"``: OpenVINO at bf16 (CPUs with bf16 units). Neither
+    falls back to PyTorch silently.
     """
     requested = (backend or "auto").lower()
     if requested == "auto" and not fast:

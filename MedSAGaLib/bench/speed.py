@@ -163,7 +163,8 @@ def _real_slice():
 
 # --backends names: (backend, fast path, inference precision)
 BACKEND_RUNS = {"torch-plain": ("torch", False, "f32"), "torch-fast": ("torch", True, "f32"),
-                "openvino": ("openvino", True, "f32"), "openvino-int8": ("openvino", True, "int8")}
+                "openvino": ("openvino", True, "f32"), "openvino-int8": ("openvino", True, "int8"),
+                "openvino-bf16": ("openvino", True, "bf16")}
 
 
 def _boxes_for(labels: np.ndarray, count: int) -> list[list[float]]:
@@ -210,7 +211,7 @@ def bench_backends(model: str, backends, threads_list, repeats: int, box_counts)
 
                 calibration = calibration_images(seg, _real_volume()[0], 0, range(40, 160))
             runners[name] = make_runner(seg, "classes", backend, "cpu", fast, precision=precision, calibration=calibration)
-            # int8 is offered for k-class models only: its box path is the f32 one, so it is not timed again
+            # lower precisions are offered for k-class models only: their box path is f32, not timed again
             box_runners[name] = make_runner(base_model, "boxes", backend, "cpu", fast) if precision == "f32" else None
             log(f"{name} at {threads} thread(s) ready in {time.perf_counter() - t0:.1f} s")
         reference = runners[backends[0]](image)
@@ -298,9 +299,11 @@ def backends_markdown(payload: dict) -> str:
                              f"{ov['total_median']:.3f} s (median): target <= 0.45 s "
                              f"{'met' if ov['total_min'] <= 0.45 else 'missed'} in this run (load average "
                              f"{ov['load_average_before'][0]:.1f}; {ov['cpu_total_min']:.3f} CPU-s per slice).{floor}")
-        if "openvino-int8" in by:
-            q = by["openvino-int8"]
-            lines.append(f"- {threads} thread(s): OpenVINO with an int8 encoder (opt-in, `--inference-precision int8`) "
+        for name, what in (("openvino-int8", "with an int8 encoder"), ("openvino-bf16", "at bf16")):
+            if name not in by:
+                continue
+            q = by[name]
+            lines.append(f"- {threads} thread(s): OpenVINO {what} (opt-in, `--inference-precision {name[9:]}`) "
                          f"{q['total_min']:.3f} s/slice (min), {q['total_median']:.3f} s (median), argmax agreement "
                          f"{100 * q['argmax_agreement']:.3f}% with {payload['settings']['backends'][0]} on this slice"
                          + (f": <= 0.45 s {'met' if q['total_min'] <= 0.45 else 'missed'}" if threads == 2 else "") + ".")
