@@ -102,7 +102,7 @@ TTA = Option(("--tta",), "tta", "test-time mirroring: average each slice with it
 INFERENCE_PRECISION = Option(
     ("--inference-precision",), "inference_precision", "f32 (default); int8: an OpenVINO encoder quantised on 16 "
     "slices of this volume (needs nncf); bf16: OpenVINO at bf16 on a CPU with bf16 units. Both opt-in: faster on a "
-    "CPU, with about 99%% of pixels as f32 (README)", choices=("f32", "int8", "bf16"), default="f32")
+    "CPU, with about 99%% of pixels as f32 (README)", choices=("f32", "int8", "bf16"), default="f32")  # = backends.INFERENCE_PRECISIONS (a test keeps them equal)
 THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)
 IMAGE = Option(("--image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", required=True)
 LABELS = Option(("--labels",), "labels", "label volume on the image's grid, or a .seg.nrrd", required=True)

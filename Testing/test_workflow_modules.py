@@ -153,6 +153,9 @@ def test_registries_and_their_torch_free_names_agree():
     from MedSAGaLib.training.methods import METHOD_REGISTRY, get_method
 
     assert tuple(BASE_MODEL_REGISTRY) == commands.BASE_MODEL_NAMES
+    from MedSAGaLib.backends import INFERENCE_PRECISIONS
+
+    assert tuple(commands.INFERENCE_PRECISION.choices) == INFERENCE_PRECISIONS
     assert METHODS == tuple(METHOD_REGISTRY) and get_method("galore-layerwise").layerwise
     assert not get_method("decoder").trains_encoder
     with pytest.raises(ValueError, match="Unknown method 'adam'"):

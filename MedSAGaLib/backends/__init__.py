@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 BACKENDS = ("auto", "torch", "openvino")
-INFERENCE_PRECISIONS = ("f32", "int8", "bf16")
+# f32 and the opt-in lower precisions, all OpenVINO's (the module imports nothing heavy)
+from .openvino_backend import PRECISIONS as INFERENCE_PRECISIONS  # noqa: E402
 AUTO_MIN_SLICES = 24
 
 

@@ -296,20 +296,18 @@ class OpenVinoRunner:
             root, name = cache_location(model, part, cache_dir, key)
             folder, built = cached_entry(root, name, key, lambda f, part=part: export_part(model, part, f),
                                          keep_entries=keep)
-            if part == "encoder" and precision == "int8":
-                if built:
-                    self.built.append(part)
+            if built:
+                self.built.append(part)
+            if part == "encoder" and precision == "int8":  # quantised from the f32 export, cached beside it
                 key = part_key(model, part, "int8", calibration)
-                root, name = cache_location(model, f"{part}-int8", cache_dir, key)
+                root, name = cache_location(model, "encoder-int8", cache_dir, key)
                 folder, built = cached_entry(root, name, key,
                                              lambda f, source=folder: quantize_encoder(source / "encoder.xml", calibration, f),
                                              keep_entries=keep)
-                part = f"{part}-int8"
-            compiled.append(core.compile_model(core.read_model(folder / ("encoder.xml" if "encoder" in part else f"{part}.xml")),
-                                               "CPU", config))
+                if built:
+                    self.built.append("encoder-int8")
+            compiled.append(core.compile_model(core.read_model(folder / f"{part}.xml"), "CPU", config))
             self.folders.append(folder)
-            if built:
-                self.built.append(part)
         self.encoder, self.decoder = compiled
         self.prepare_seconds = time.perf_counter() - started
         self.threads = config["INFERENCE_NUM_THREADS"]
