@@ -206,7 +206,7 @@ class SegmentSettings:
     batch_size: Optional[int] = None  # not part of the result: excluded from the key
     device: str = "cpu"
     tta: str = "auto"  # test-time mirroring (inference.mirror_averaging)
-    precision: str = "f32"  # f32 or int8 (inference.segment_volume)
+    precision: str = "f32"  # f32, int8 or bf16 (inference.segment_volume)
 
     def key(self) -> dict:
         key = {"axis": self.axis, "slices": self.slices, "window": self.window, "tta": self.tta}

@@ -336,8 +336,8 @@ def evaluate_volume(
 ) -> Evaluation:
     """Segment the annotated slices (or ``slices``) with ``model`` (a file or a segmenter) and score
     them against the reference labels, class by class (matched by name, else by order). ``tta``: test-time
-    mirroring, as :func:`MedSAGaLib.inference.mirror_averaging` decides; ``precision``: ``f32`` or ``int8``
-    (:func:`MedSAGaLib.inference.segment_volume`)."""
+    mirroring, as :func:`MedSAGaLib.inference.mirror_averaging` decides; ``precision``: ``f32``, ``int8`` or
+    ``bf16`` (:func:`MedSAGaLib.inference.segment_volume`)."""
     from .inference import resolve_device, segment_volume
     from .metrics import evaluate_labels
 
@@ -418,7 +418,7 @@ def segment_file(
     ``model`` is an adapted model file or a segmenter in memory, or a base model name with ``classes``
     (an untrained head) or with ``boxes_from`` (a label volume whose per-slice bounding boxes prompt SAM, zero-shot).
     ``tta``: test-time mirroring of an adapted model (:func:`MedSAGaLib.inference.mirror_averaging`).
-    ``precision``: ``f32`` or ``int8`` for an adapted model (:func:`MedSAGaLib.inference.segment_volume`).
+    ``precision``: ``f32``, ``int8`` or ``bf16`` for an adapted model (:func:`MedSAGaLib.inference.segment_volume`).
     """
     from .inference import mirror_averaging, resolve_device, segment_volume, segment_with_boxes
     from .modelfile import is_model_file, load_model
@@ -435,7 +435,7 @@ def segment_file(
     segmenter, meta = None, {}
     if boxes_from:
         if precision != "f32":
-            raise ValueError("--inference-precision int8 is for adapted models; box prompts run in f32.")
+            raise ValueError(f"--inference-precision {precision} is for adapted models; box prompts run in f32.")
         if hasattr(model, "class_names") or is_model_file(model):
             raise ValueError("--boxes-from prompts a base model; give --model litemedsam or vit_b/vit_l/vit_h with --checkpoint.")
         box_labels, names, colors = read_class_labels(boxes_from, sitk_image)
