@@ -158,7 +158,8 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
            "on a GPU 3 for litemedsam, 4 for vit_*); the stages in front are frozen and computed once per slice",
            type=int),
     Option(("--checkpointing",), "checkpointing", "activation checkpointing (less memory, more time)", flag=True),
-    Option(("--precision",), "precision", "auto: bf16/fp16 mixed precision on a GPU, fp32 on the CPU",
+    Option(("--precision",), "precision", "auto: bf16 (fp16) mixed precision on a GPU and on a CPU with bf16 units "
+           "(AVX-512 BF16 or AMX), fp32 on other CPUs; fp32 to turn mixed precision off",
            choices=PRECISIONS, default="auto"),
     Option(("--no-augment",), "no_augment", "no data augmentation", flag=True),
     Option(("--val-fraction",), "val_fraction", "when every annotated slice would train and at least 10 are "

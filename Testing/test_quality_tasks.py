@@ -131,6 +131,29 @@ def test_step_plan_counts_the_measured_validation_passes():
     assert 290 <= trainer.total_steps <= 303  # 60 s left / 0.2 s; without it, the cap of 400
 
 
+def test_step_plan_is_made_again_from_the_steady_steps(monkeypatch):
+    """Slow first steps (one-off costs) must not cut the run short: the last plan, at LATE_REPLAN_STEPS, uses
+    only the steps after REPLAN_STEPS."""
+    from types import SimpleNamespace
+
+    from MedSAGaLib.training import FinetuneConfig, trainer as trainer_module
+    from MedSAGaLib.training.budget import LATE_REPLAN_STEPS, REPLAN_STEPS
+    from MedSAGaLib.training.trainer import FinetuneResult, StepBudgetHook
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock["now"])
+    hook = StepBudgetHook(FinetuneConfig(time_budget=240, max_steps=400, val_every=20), has_validation=False)
+    trainer = SimpleNamespace(result=FinetuneResult(), total_steps=400, elapsed=lambda: 20.0 + clock["now"])
+    for step in range(1, LATE_REPLAN_STEPS + 1):
+        clock["now"] += 1.2 if step <= REPLAN_STEPS else 0.96  # 20 s preparing, then 1.2 s steps, then 0.96 s
+        hook.on_step_end(trainer, {"step": step})
+    decisions = hook.budget.decisions
+    assert len(decisions) == 3 and "after 60 steps" in decisions[2] and "0.96 s per step" in decisions[2]
+    left = 240 - (20 + 20 * 1.2 + 40 * 0.96)
+    assert trainer.total_steps == LATE_REPLAN_STEPS + int(left / 0.96)  # more than the plan from step 20
+    assert trainer.total_steps > int(decisions[1].split()[1])
+
+
 def test_budget_stops_on_patience_after_min_steps_only():
     b = StepBudget(time_budget=100, max_steps=400, patience=2, min_steps=60, val_every=20)
     b.planned_steps = 400

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,9 @@ def tiny(tiny_model_file):
 
 
 def quick(**kw):
-    base = dict(steps=2, batch_size=2, warmup=1, rank=8, augment_copies=2, lr=1e-3, device="cpu")
+    # fp32 unless a test asks: "auto" means bf16 on a CPU with bf16 units, and the numbers compared here must not
+    # depend on the machine the suite runs on (the precision tests below cover "auto" on both kinds of CPU)
+    base = dict(steps=2, batch_size=2, warmup=1, rank=8, augment_copies=2, lr=1e-3, device="cpu", precision="fp32")
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -175,6 +179,9 @@ def test_auto_method_trains_the_decoder_on_small_structures_on_a_cpu(tiny):
     assert choose_method("cuda", True)[0] == "galore"
     # stages asked for by the user decide: they want the encoder trained (or, with 0, frozen)
     assert choose_method("cpu", True, train_stages=2)[0] == "galore" and choose_method("cuda", False, 0)[0] == "decoder"
+    # where the encoder would train on a CPU's bf16 units a GaLore step is cheap enough for small structures too
+    assert choose_method("cpu", True, bf16_encoder=True)[0] == "galore"
+    assert choose_method("cpu", True, train_stages=0, bf16_encoder=True)[0] == "decoder"
     size = 64
     yy, xx = np.mgrid[0:size, 0:size]
     images, labels = [], []
@@ -191,6 +198,71 @@ def test_auto_method_trains_the_decoder_on_small_structures_on_a_cpu(tiny):
     result = finetune(seg, images, labels, quick(method="auto", steps=1, crop="off"))
     assert result.config["method"] == "galore" and result.train_stages >= 1
     assert "method galore (auto): the painted structures fill most of the slice" in result.decisions
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_auto_method_and_precision_on_small_structures_follow_the_cpus_bf16_units(tiny, monkeypatch, units):
+    """The product defaults together (method and precision ``auto``): small structures on a CPU with bf16 units
+    train GaLore in bf16; without them, decoder-only in fp32. Each decision is printed."""
+    from MedSAGaLib.training import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: units)
+    size = 64
+    yy, xx = np.mgrid[0:size, 0:size]
+    images, labels = [], []
+    for i in range(2):
+        left, right = ((xx - 27) ** 2 + (yy - 30 - i) ** 2 < 16), ((xx - 37) ** 2 + (yy - 30 - i) ** 2 < 16)
+        images.append(np.clip(0.1 + 0.7 * left + 0.4 * right, 0, 1).astype(np.float32))
+        labels.append((left + 2 * right).astype(np.uint8))
+    result = finetune(tiny, images, labels, quick(method="auto", steps=1, precision="auto"))
+    assert result.config["method"] == ("galore" if units else "decoder")
+    expected = ("precision bf16 mixed (auto): this CPU has bf16 units" if units
+                else "precision fp32 (auto): decoder-only steps")
+    assert any(d.startswith(expected) for d in result.decisions), result.decisions
+    # asked for fp32, the encoder would not use the units: decoder-only again
+    assert finetune(tiny, images, labels, quick(method="auto", steps=1, precision="fp32")).config["method"] == "decoder"
+
+
+def test_cpu_bf16_units_are_read_from_the_cpu_flags():
+    """The capability behind ``precision="auto"`` matches what the kernel reports (AVX-512 BF16 or AMX tiles)."""
+    from MedSAGaLib.training.precision import cpu_has_bf16_units
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(" ".join(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    assert cpu_has_bf16_units() == bool(flags & {"avx512_bf16", "amx_tile", "amx_bf16"})
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_auto_precision_trains_in_bf16_only_on_a_cpu_with_bf16_units(tiny, monkeypatch, units):
+    """``precision="auto"`` autocasts an encoder-training run to bf16 where the CPU has bf16 units and stays fp32
+    elsewhere (and for decoder-only), says which, and keeps the trained weights fp32 either way; an explicit
+    precision is obeyed whatever the CPU."""
+    from MedSAGaLib.training import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: units)
+    cpu = torch.device("cpu")
+    assert precision.choose_autocast("auto", cpu)[0] == (torch.bfloat16 if units else None)
+    assert precision.choose_autocast("fp32", cpu)[0] is None and precision.choose_autocast("bf16", cpu)[0] == torch.bfloat16
+    assert precision.choose_autocast("auto", cpu, trains_encoder=False)[0] is None  # decoder-only: measured no gain
+    seen = []
+
+    def record_dtype(module, args, output):
+        seen.append(output.dtype)
+
+    linear = [m for m in tiny.image_encoder.modules() if isinstance(m, torch.nn.Linear)][-1]  # in the last, trained block
+    handle = linear.register_forward_hook(record_dtype)
+    images, labels = phantom_slices()
+    before = encoder_linear(tiny)
+    result = finetune(tiny, images, labels, quick(method="full", train_stages=4, steps=1, precision="auto"))
+    handle.remove()
+    expected = "precision bf16 mixed (auto): this CPU has bf16 units" if units else "precision fp32 (auto): no bf16 units"
+    assert any(d.startswith(expected) for d in result.decisions), result.decisions
+    assert seen and set(seen) == {torch.bfloat16 if units else torch.float32}
+    after = encoder_linear(tiny)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the step trained the encoder
 
 
 def test_unknown_encoder_layers_are_refused(tiny):

@@ -17,6 +17,9 @@ PROBE_STEPS = 3  # steps timed before the plan is made
 # ...and the plan is made again from this many: the first steps' time is a rough guess (measured on 2 CPU
 # cores: 0.94 s per step over the probe, 0.86 s over the run, so a plan from the probe left 17 s unused)
 REPLAN_STEPS = 20
+# ...and once more from the steps after those, which run at the steady rate: a bf16 GaLore run on 2 CPU cores
+# took 1.21 s per step over its first 20 and 0.96 s after, so its plan from step 20 left 46 s of 240 s unused
+LATE_REPLAN_STEPS = 60
 
 
 @dataclass
@@ -80,4 +83,4 @@ class StepBudget:
         return self.stop_reason is not None
 
 
-__all__ = ["StepBudget", "PROBE_STEPS", "REPLAN_STEPS"]
+__all__ = ["StepBudget", "PROBE_STEPS", "REPLAN_STEPS", "LATE_REPLAN_STEPS"]

@@ -46,24 +46,32 @@ METHODS = tuple(METHOD_REGISTRY)
 AUTO = "auto"
 
 
-def choose_method(device_type: str, cropped: bool, train_stages: int | None = None) -> tuple[str, str]:
+def choose_method(device_type: str, cropped: bool, train_stages: int | None = None,
+                  bf16_encoder: bool = False) -> tuple[str, str]:
     """What ``method="auto"`` trains, and why, as a sentence.
 
-    Measured (docs/results/NOTES.md, "Realistic tasks"; 240 s budget, 2 CPU threads, 5 painted slices): a
-    GaLore step costs about 3.3 s on a CPU and a decoder-only step about 0.8 s, so in the time budget
-    decoder-only takes about 4x the steps. Where the painted structures are small (the run crops to them)
-    that wins: colin27_aal 0.731 against 0.341 mean Dice with all five slices training (0.39 against
-    0.35-0.46 when one was held out), colin27_aal_lr 0.37 against 0.05 (one held out). Where they fill the
-    slice GaLore wins (MNI152 GM/WM: the demo's 0.90 against 0.50), and on a GPU its steps are cheap. ``train_stages`` given by the user
+    Measured (docs/results/NOTES.md, "Realistic tasks"; 240 s budget, 2 CPU threads, 5 painted slices): an fp32
+    GaLore step costs about 1.6 s on a CPU and a decoder-only step about 0.35 s, so in the time budget
+    decoder-only takes several times the steps. Where the painted structures are small (the run crops to them)
+    that wins on an fp32 CPU: colin27_aal 0.731 against 0.341 mean Dice with all five slices training (0.39
+    against 0.35-0.46 when one was held out), colin27_aal_lr 0.37 against 0.05 (one held out). Where they fill
+    the slice GaLore wins (MNI152 GM/WM: the demo's 0.90 against 0.50), and on a GPU its steps are cheap.
+    ``bf16_encoder``: the encoder would train in bf16 on a CPU with bf16 units (:mod:`.precision`), where a
+    GaLore step takes about 1 s: there GaLore wins on the small structures too (colin27_aal 0.759 against
+    decoder-only's 0.747-0.749, colin27_aal_lr 0.684 against 0.644-0.654). ``train_stages`` given by the user
     decides instead: encoder stages to train mean GaLore, 0 means decoder-only.
     """
     if train_stages is not None:
         if train_stages > 0:
             return "galore", f"method galore (auto): {train_stages} encoder stage(s) to train were asked for"
         return "decoder", "method decoder-only (auto): no encoder stage to train was asked for"
+    if device_type == "cpu" and cropped and not bf16_encoder:
+        return "decoder", ("method decoder-only (auto): small structures on a CPU without bf16 units, where a GaLore "
+                           "step costs about 4x a decoder step and fewer steps fit in the time budget; --method galore "
+                           "trains the encoder too")
     if device_type == "cpu" and cropped:
-        return "decoder", ("method decoder-only (auto): small structures on a CPU, where a GaLore step costs about 3x "
-                           "a decoder step and fewer steps fit in the time budget; --method galore trains the encoder too")
+        return "galore", ("method galore (auto): small structures on a CPU with bf16 units, where a bf16 GaLore step "
+                          "is cheap enough to beat decoder-only in the time budget")
     where = "on a GPU" if device_type != "cpu" else "the painted structures fill most of the slice"
     return "galore", f"method galore (auto): {where}"
 

@@ -27,7 +27,7 @@ from ..inference import resolve_device
 from ..metrics import dice_per_class, mean_finite
 from ..preprocess import SliceTransform
 from ..roi import choose_roi
-from .budget import PROBE_STEPS, REPLAN_STEPS, StepBudget
+from .budget import LATE_REPLAN_STEPS, PROBE_STEPS, REPLAN_STEPS, StepBudget
 from .config import FinetuneConfig, TrainingError
 from .diagnosis import stuck_classes, thinly_painted_classes
 from .distributed import DistributedTraining
@@ -37,6 +37,7 @@ from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
 from .lora import LoRAQKV, apply_lora, lora_parameters, merge_lora
 from .methods import AUTO, Method, choose_method, get_method
 from .optim import build_optimizer, count, galore_groups, linear_weights, lr_factor
+from .precision import choose_autocast, encoder_on_bf16_units
 
 # Stages trained by default (of 4), by measurement on a shared 2-core CPU (LiteMedSAM, batch 2):
 # the last stage (52% of TinyViT's Linear weights, GaLore on all of them) costs about twice a
@@ -106,16 +107,6 @@ class FinetuneResult:
         }
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or (
         hasattr(torch.cuda, "OutOfMemoryError") and isinstance(exc, torch.cuda.OutOfMemoryError)
@@ -168,13 +159,16 @@ class StepBudgetHook:
         if self.last is not None:
             self.step_times.append(now - self.last)
         self.last = now
-        # the first step pays one-off costs (GaLore's first SVD): plan from the later ones, then again from more
-        if done == PROBE_STEPS or (done == REPLAN_STEPS and self.budget.planned_steps > done):
+        # the first step pays one-off costs (GaLore's first SVD): plan from the later ones, then again from more,
+        # and last from the steady steps after the first REPLAN_STEPS
+        late = done == LATE_REPLAN_STEPS and self.budget.planned_steps > done
+        if done == PROBE_STEPS or (done == REPLAN_STEPS and self.budget.planned_steps > done) or late:
             # a validation pass every val_every steps is part of the cost of a step (the pass at step 0 is timed)
             timings = trainer.result.timings
             passes = timings.get("validation_passes", 0)
             self.validation_seconds = timings.get("validation", 0.0) / passes if passes else 0.0
-            per_step = float(np.mean(self.step_times)) if self.step_times else trainer.result.seconds_per_step
+            times = self.step_times[REPLAN_STEPS - 1:] if late else self.step_times
+            per_step = float(np.mean(times)) if times else trainer.result.seconds_per_step
             trainer.total_steps = self.budget.plan(trainer.elapsed(), per_step, done, self.validation_seconds)
         recent = float(np.mean(self.step_times[-5:])) if self.step_times else 0.0
         if self.budget.finished(done) or self.budget.out_of_time(trainer.elapsed(), recent):
@@ -324,7 +318,10 @@ class Trainer:
             self.result.decisions.append(why)
         self.result.mirrored = bool(self.mirror and config.augment)
         if config.method == AUTO:  # the product default: the method that did best on tasks like this one
-            name, why = choose_method(resolve_device(config.device).type, roi is not None, config.train_stages)
+            device = resolve_device(config.device)
+            # GaLore's steps are cheap on a CPU where its encoder would run on bf16 units
+            name, why = choose_method(device.type, roi is not None, config.train_stages,
+                                      encoder_on_bf16_units(config.precision, device))
             self.config = config = replace(config, method=name)
             self.result.config["method"] = name
             self.result.decisions.append(why)
@@ -335,7 +332,9 @@ class Trainer:
         self.device = self.ddp.device if self.ddp is not None else resolve_device(config.device)
         if self.ddp is not None and not self.ddp.is_main:
             self.val_images, self.val_labels, callback = [], [], None
-        amp_dtype = _autocast_dtype(config.precision, self.device)
+        amp_dtype, why = choose_autocast(config.precision, self.device, trains_encoder=config.method != "decoder")
+        if config.precision == "auto":
+            self.result.decisions.append(why)
         if amp_dtype is not None and self.method.layerwise and amp_dtype == torch.float16:
             amp_dtype = torch.bfloat16  # a gradient scaler cannot unscale inside per-parameter hooks
         self.amp_dtype = amp_dtype
