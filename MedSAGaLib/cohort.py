@@ -688,8 +688,11 @@ def run_segment_cohort(args) -> int:
     if args.workers is not None and args.scheduler:
         raise CohortError("--workers sizes the local cluster; a running --scheduler has its own workers.")
     items = expand_inputs(args.image, args.output_dir, args.inputs_csv, args.labelmaps)
+    # auto would pick by each worker's CPU (bf16 units or not): a cohort keeps f32 unless asked, so its volumes
+    # come out alike whichever worker ran them and finished rows keep matching their settings
+    precision = "f32" if args.inference_precision == "auto" else args.inference_precision
     settings = SegmentSettings(axis=args.axis, slices=args.slices, window=args.window, batch_size=args.batch_size,
-                               device=args.device, tta=args.tta, precision=args.inference_precision)
+                               device=args.device, tta=args.tta, precision=precision)
     report = run_cohort(items, args.model, args.output_dir, settings, workers=args.workers, scheduler=args.scheduler,
                         torch_threads=args.threads_per_worker, progress=args.progress)
     if args.progress != "json":

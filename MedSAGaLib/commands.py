@@ -100,9 +100,11 @@ TTA = Option(("--tta",), "tta", "test-time mirroring: average each slice with it
               "(default auto: when the model was trained with mirroring, see finetune --mirror; costs a second "
               "encoder pass per slice)", choices=SWITCHES, default="auto")
 INFERENCE_PRECISION = Option(
-    ("--inference-precision",), "inference_precision", "f32 (default); int8: an OpenVINO encoder quantised on 16 "
-    "slices of this volume (needs nncf); bf16: OpenVINO at bf16 on a CPU with bf16 units. Both opt-in: faster on a "
-    "CPU, with about 99%% of pixels as f32 (README)", choices=("f32", "int8", "bf16"), default="f32")  # = backends.INFERENCE_PRECISIONS (a test keeps them equal)
+    ("--inference-precision",), "inference_precision", "auto (default): bf16 where OpenVINO runs an adapted model on a "
+    "CPU with bf16 units (AVX-512 BF16 or AMX), f32 elsewhere (a cohort with --output-dir keeps f32); f32: the "
+    "reference; int8: an OpenVINO encoder quantised on 16 slices of this volume (needs nncf); bf16: OpenVINO at bf16. "
+    "The lower precisions are faster on a CPU, with about 99.8%% of pixels as f32 (README)",
+    choices=("auto", "f32", "int8", "bf16"), default="auto")  # = backends.INFERENCE_PRECISIONS (a test keeps them equal)
 THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)
 IMAGE = Option(("--image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", required=True)
 LABELS = Option(("--labels",), "labels", "label volume on the image's grid, or a .seg.nrrd", required=True)

@@ -153,14 +153,17 @@ def segment_volume(
     backend: str = "auto",
     cache_dir: Optional[str | Path] = None,
     tta: str = "auto",
-    precision: str = "f32",
+    precision: str = "auto",
+    ran: Optional[dict] = None,
 ) -> np.ndarray:
     """Label every chosen slice of a [0, 1] volume; slices not chosen stay 0. Same shape as the input.
 
     ``tta`` (``auto``, ``on``, ``off``): average each slice with its mirror image (:func:`mirror_averaging`).
-    ``precision="int8"``: OpenVINO with an int8 encoder calibrated on :func:`calibration_images` of these
-    slices; ``"bf16"``: OpenVINO at bf16 on a CPU with bf16 units (both opt-in; their agreement with f32 is
-    measured in docs/results/NOTES.md, not guaranteed).
+    ``precision="auto"`` (the default): bf16 where OpenVINO runs on a CPU with bf16 units, else f32
+    (:func:`MedSAGaLib.backends.resolve_precision`); ``"f32"`` the reference; ``"int8"``: OpenVINO with an int8
+    encoder calibrated on :func:`calibration_images` of these slices; ``"bf16"``: OpenVINO at bf16 on a CPU with
+    bf16 units (their agreement with f32 is measured in docs/results/NOTES.md, not guaranteed). ``ran``, a dict
+    if given, receives the ``backend`` and ``precision`` that ran.
 
     ``backend`` (``auto``, ``torch``, ``openvino``) runs the model; see :mod:`MedSAGaLib.backends`.
     ``cache_dir`` is where an OpenVINO export is kept (the CLI passes the folder next to the model
@@ -177,6 +180,8 @@ def segment_volume(
     calibration = calibration_images(segmenter, array01, axis, indices) if precision == "int8" else None
     runner = make_runner(segmenter, "classes", backend, device, fast, cache_dir,
                          slices=len(indices) * (2 if mirrored else 1), precision=precision, calibration=calibration)
+    if ran is not None:
+        ran.update(backend=runner.name, precision=runner.precision)
     labels = np.zeros(array01.shape, dtype=np.uint8)
     for batch in _progress_iter(_batches(indices, batch_size), len(indices), progress, "Segmenting"):
         predictions = predict_slices(runner, [get_slice(array01, axis, i) for i in batch], device, mirrored)

@@ -236,3 +236,34 @@ def test_bf16_reuses_the_f32_export_and_is_refused_without_bf16_units(tiny_model
     same, worst = agreement(f32, bf16, [array01[z] for z in (60, 90, 120)])
     print(f"tiny ViT, OpenVINO bf16 vs f32: argmax agreement {100 * same:.3f}%, max logit diff {worst:.2e}")
     assert same >= 0.97 and worst > 0  # bf16 for real, close to f32
+
+
+@needs_openvino
+def test_auto_precision_is_bf16_only_for_openvino_k_class_runs_on_a_cpu_with_bf16_units(tiny_model_file, tmp_path,
+                                                                                       monkeypatch):
+    """``--inference-precision auto`` (the default) resolves by the backend that runs and by the CPU: bf16 for an
+    adapted model in OpenVINO where the CPU has bf16 units, f32 in PyTorch, for box prompts and elsewhere; the
+    runner says what ran, and under auto a failed export may still fall back to PyTorch."""
+    from MedSAGaLib.backends import openvino_backend, resolve_precision
+
+    units = openvino_backend.cpu_has_bf16()
+    assert resolve_precision("auto", "openvino") == ("bf16" if units else "f32")
+    assert resolve_precision("auto", "torch") == "f32" and resolve_precision("auto", "openvino", "boxes") == "f32"
+    assert resolve_precision("int8", "openvino") == "int8" and resolve_precision("f32", "openvino") == "f32"
+    segmenter = load_model(tiny_model_file)
+    cache = tmp_path / "tiny.medsaga.openvino"
+    assert make_runner(segmenter, backend="torch", precision="auto").precision == "f32"
+    assert make_runner(segmenter, backend="openvino", cache_dir=cache, precision="auto").precision == (
+        "bf16" if units else "f32")
+    monkeypatch.setattr(openvino_backend, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", "openvino") == "f32"
+    assert make_runner(segmenter, backend="openvino", cache_dir=cache, precision="auto").precision == "f32"
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("converter lacks an op")
+
+    monkeypatch.setattr(openvino_backend.OpenVinoRunner, "__init__", broken_export)
+    with pytest.warns(UserWarning, match="OpenVINO export failed"):
+        assert make_runner(segmenter, backend="auto", slices=100, cache_dir=tmp_path / "x", precision="auto").name == "torch"
+    with pytest.raises(RuntimeError, match="converter"):
+        make_runner(segmenter, backend="auto", slices=100, cache_dir=tmp_path / "x", precision="bf16")

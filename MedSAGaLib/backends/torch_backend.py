@@ -16,6 +16,7 @@ class TorchRunner:
     """
 
     name = "torch"
+    precision = "f32"
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", fast: bool = True) -> None:
         self.device = torch.device(device)

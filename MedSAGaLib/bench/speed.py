@@ -294,11 +294,13 @@ def backends_markdown(payload: dict) -> str:
                              f"{ov['total_median']:.3f} s (median): target <= 0.45 s "
                              f"{'met' if ov['total_min'] <= 0.45 else 'missed'} in this run (load average "
                              f"{ov['load_average_before'][0]:.1f}; {ov['cpu_total_min']:.3f} CPU-s per slice).{floor}")
-        for name, what in (("openvino-int8", "with an int8 encoder"), ("openvino-bf16", "at bf16")):
+        for name, what in (("openvino-int8", "with an int8 encoder (opt-in, `--inference-precision int8`)"),
+                           ("openvino-bf16", "at bf16 (`--inference-precision bf16`, and what the default `auto` "
+                                             "runs on a CPU with bf16 units)")):
             if name not in by:
                 continue
             q = by[name]
-            lines.append(f"- {threads} thread(s): OpenVINO {what} (opt-in, `--inference-precision {name[9:]}`) "
+            lines.append(f"- {threads} thread(s): OpenVINO {what} "
                          f"{q['total_min']:.3f} s/slice (min), {q['total_median']:.3f} s (median), argmax agreement "
                          f"{100 * q['argmax_agreement']:.3f}% with {payload['settings']['backends'][0]} on this slice"
                          + (f": <= 0.45 s {'met' if q['total_min'] <= 0.45 else 'missed'}" if threads == 2 else "") + ".")
