@@ -60,7 +60,7 @@ def test_backend_choice():
 
 
 @needs_openvino
-def test_openvino_matches_pytorch_on_mni152_with_the_tiny_vit(tiny_model_file, mni152, mni_arrays, tmp_path):
+def test_openvino_matches_pytorch_on_mni152_with_the_tiny_vit(tiny_model_file, mni152, mni_arrays, tmp_path, capsys):
     array01, _ = mni_arrays
     model_path = tmp_path / "tiny.medsaga"
     shutil.copyfile(tiny_model_file, model_path)
@@ -75,14 +75,21 @@ def test_openvino_matches_pytorch_on_mni152_with_the_tiny_vit(tiny_model_file, m
     image_path, _ = mni152
     manifests = {p: p.stat().st_mtime_ns for p in model_cache_dir(model_path).glob("*/manifest.json")}
     outputs = {}
-    for backend in ("openvino", "torch"):
-        out = tmp_path / f"{backend}.seg.nrrd"
+    for backend, precision in (("openvino", "f32"), ("torch", "f32"), ("openvino", "auto")):
+        name = f"{backend}-{precision}"
+        out = tmp_path / f"{name}.seg.nrrd"
         assert main(["segment", str(image_path), "--model", str(model_path), "--slices", "70,100", "--backend",
-                     backend, "-o", str(out), "--labelmap", str(tmp_path / f"{backend}.nii.gz")]) == 0
-        outputs[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{backend}.nii.gz")))
+                     backend, "--inference-precision", precision, "-o", str(out),
+                     "--labelmap", str(tmp_path / f"{name}.nii.gz")]) == 0
+        outputs[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")))
     assert {p: p.stat().st_mtime_ns for p in model_cache_dir(model_path).glob("*/manifest.json")}.keys() == manifests.keys()
-    assert outputs["openvino"].any()
-    assert (outputs["openvino"] == outputs["torch"]).mean() >= 0.995
+    assert outputs["openvino-f32"].any()
+    assert (outputs["openvino-f32"] == outputs["torch-f32"]).mean() >= 0.995
+    # the default (auto) says when it ran at bf16, which it does only where the CPU has bf16 units
+    from MedSAGaLib.backends.openvino_backend import cpu_has_bf16
+
+    assert ("ran in OpenVINO at bf16" in capsys.readouterr().err) == cpu_has_bf16()
+    assert (outputs["openvino-auto"] == outputs["torch-f32"]).mean() >= 0.99
 
 
 @pytest.mark.slow
