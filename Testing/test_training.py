@@ -35,6 +35,17 @@ def phantom_slices(count=2, size=48, seed=0):
     return images, labels
 
 
+def small_discs(size=64):
+    """Two slices with two small discs (classes 1 and 2) near the middle: a run crops to them."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    images, labels = [], []
+    for i in range(2):
+        left, right = ((xx - 27) ** 2 + (yy - 30 - i) ** 2 < 16), ((xx - 37) ** 2 + (yy - 30 - i) ** 2 < 16)
+        images.append(np.clip(0.1 + 0.7 * left + 0.4 * right, 0, 1).astype(np.float32))
+        labels.append((left + 2 * right).astype(np.uint8))
+    return images, labels
+
+
 @pytest.fixture()
 def tiny(tiny_model_file):
     torch.manual_seed(0)
@@ -182,13 +193,7 @@ def test_auto_method_trains_the_decoder_on_small_structures_on_a_cpu(tiny):
     # where the encoder would train on a CPU's bf16 units a GaLore step is cheap enough for small structures too
     assert choose_method("cpu", True, bf16_encoder=True)[0] == "galore"
     assert choose_method("cpu", True, train_stages=0, bf16_encoder=True)[0] == "decoder"
-    size = 64
-    yy, xx = np.mgrid[0:size, 0:size]
-    images, labels = [], []
-    for i in range(2):  # two small discs (classes 1 and 2) near the middle: the run crops to them
-        left, right = ((xx - 27) ** 2 + (yy - 30 - i) ** 2 < 16), ((xx - 37) ** 2 + (yy - 30 - i) ** 2 < 16)
-        images.append(np.clip(0.1 + 0.7 * left + 0.4 * right, 0, 1).astype(np.float32))
-        labels.append((left + 2 * right).astype(np.uint8))
+    images, labels = small_discs()
     seg = tiny
     before = {n: p.detach().clone() for n, p in seg.image_encoder.named_parameters()}
     result = finetune(seg, images, labels, quick(method="auto", steps=1))
@@ -207,13 +212,7 @@ def test_auto_method_and_precision_on_small_structures_follow_the_cpus_bf16_unit
     from MedSAGaLib.training import precision
 
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: units)
-    size = 64
-    yy, xx = np.mgrid[0:size, 0:size]
-    images, labels = [], []
-    for i in range(2):
-        left, right = ((xx - 27) ** 2 + (yy - 30 - i) ** 2 < 16), ((xx - 37) ** 2 + (yy - 30 - i) ** 2 < 16)
-        images.append(np.clip(0.1 + 0.7 * left + 0.4 * right, 0, 1).astype(np.float32))
-        labels.append((left + 2 * right).astype(np.uint8))
+    images, labels = small_discs()
     result = finetune(tiny, images, labels, quick(method="auto", steps=1, precision="auto"))
     assert result.config["method"] == ("galore" if units else "decoder")
     expected = ("precision bf16 mixed (auto): this CPU has bf16 units" if units
