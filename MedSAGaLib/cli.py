@@ -44,7 +44,8 @@ def run_segment(args) -> int:
                            slices=args.slices, window=args.window, classes=args.classes, checkpoint=args.checkpoint,
                            image_size=args.image_size, boxes_from=args.boxes_from, box_margin=args.box_margin,
                            batch_size=args.batch_size, device=args.device, progress=progress,
-                           backend=args.backend, tta=args.tta, precision=args.inference_precision)
+                           backend=args.backend, tta=args.tta, precision=args.inference_precision,
+                           painted=args.painted)
     finally:
         progress.close()
     for note in seg.notes:

@@ -137,7 +137,7 @@ def run_evaluate(args) -> int:
         evaluation = evaluate_volume(args.model, args.image, args.labels, axis=args.axis, slices=args.slices,
                                      window=args.window, batch_size=args.batch_size, device=args.device,
                                      progress=progress, backend=args.backend, tta=args.tta,
-                                     precision=args.inference_precision)
+                                     precision=args.inference_precision, painted=args.painted)
     finally:
         if progress is not None:
             progress.close()
@@ -156,8 +156,15 @@ def run_evaluate(args) -> int:
         print(f"{'mean':<{width}}  {evaluation.mean_dice:>6.3f}  {(hd if hd is not None else float('nan')):>8.2f}")
     print(f"{len(evaluation.slices)} slices evaluated; HD95 is per slice (in-plane, mm), averaged over slices where "
           "both are non-empty.")
+    painted = evaluation.ran.get("painted_slices")
+    if painted:
+        removed = evaluation.ran.get("removed") or {}
+        print(f"Note: the {len(painted)} painted slices ({format_ranges(painted)}) were kept, and the slices between "
+              "them lean on them" + ("; removed pieces not connected to what was painted: " + ", ".join(
+                  f"{k} {v} voxels" for k, v in removed.items()) if removed else "") + ".")
     overlap = evaluation.training_slices_included
     if overlap:
-        print(f"Note: {len(overlap)} of these slices were used for training ({format_ranges(overlap)}); "
+        what = "used for training or copied from --painted" if painted else "used for training"
+        print(f"Note: {len(overlap)} of these slices were {what} ({format_ranges(overlap)}); "
               "their scores are not an honest estimate.")
     return 0

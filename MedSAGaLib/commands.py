@@ -105,6 +105,10 @@ INFERENCE_PRECISION = Option(
     "reference; int8: an OpenVINO encoder quantised on 16 slices of this volume (needs nncf); bf16: OpenVINO at bf16. "
     "The lower precisions are faster on a CPU, with about 99.8%% of pixels as f32 (README)",
     choices=("auto", "f32", "int8", "bf16"), default="auto")  # = backends.INFERENCE_PRECISIONS (a test keeps them equal)
+PAINTED = Option(("--painted",), "painted", "the labels painted on this same volume (the .seg.nrrd or label volume "
+                 "the model was fine-tuned from): they are kept, the slices between them lean on them, and pieces of "
+                 "a class not connected to its painted parts are dropped (README); not for other scans",
+                 metavar="LABELS")
 THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)
 IMAGE = Option(("--image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", required=True)
 LABELS = Option(("--labels",), "labels", "label volume on the image's grid, or a .seg.nrrd", required=True)
@@ -183,6 +187,7 @@ EVALUATE_OPTIONS = TASK_OPTIONS + (
     BACKEND,
     TTA,
     INFERENCE_PRECISION,
+    PAINTED,
 )
 
 SEGMENT_OPTIONS = (
@@ -200,7 +205,7 @@ SEGMENT_OPTIONS = (
     Option(("--labelmap",), "labelmap", "also write a plain label volume (e.g. OUT.nii.gz)"),
     Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, where it is fastest; "
            "8 on a GPU)", type=int),
-    AXIS, SLICES, DEVICE, WINDOW, THREADS, BACKEND, TTA, INFERENCE_PRECISION,
+    AXIS, SLICES, DEVICE, WINDOW, THREADS, BACKEND, TTA, INFERENCE_PRECISION, PAINTED,
 )
 
 

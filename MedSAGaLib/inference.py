@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -12,8 +12,11 @@ from .backends import INFERENCE_PRECISIONS, make_runner
 from .head import ClassSegmenter
 from .models import BaseSam
 from .preprocess import SliceTransform
-from .slices import bounding_box, get_slice  # noqa: F401 (bounding_box re-exported)
+from .slices import bounding_box, get_slice, slice_view  # noqa: F401 (bounding_box re-exported)
 from .training.config import SWITCHES
+
+if TYPE_CHECKING:
+    from .painted import PaintedSlices
 
 Progress = Union[bool, Callable[[int, int], None], None]
 
@@ -90,11 +93,11 @@ def mirror_averaged(forward: Callable[[torch.Tensor], torch.Tensor], images: tor
 
 
 @torch.inference_mode()
-def predict_slices(
+def slice_probabilities(
     segmenter: ClassSegmenter, slices01: Sequence[np.ndarray], device: torch.device | str = "cpu",
     mirror: bool = False,
-) -> list[np.ndarray]:
-    """k+1-class probabilities are fused by argmax: 2-D slices -> label maps (0 = background).
+) -> list[torch.Tensor]:
+    """2-D slices -> k+1-class probabilities [k+1, H, W] on each slice's own grid (0 = background).
 
     ``segmenter`` is a k-class segmenter or a runner of one (:func:`MedSAGaLib.backends.make_runner`).
     A model fine-tuned on a region of interest (``segmenter.roi``) sees only that box of each slice;
@@ -104,11 +107,30 @@ def predict_slices(
     roi = getattr(segmenter, "roi", None)
     if roi is not None:
         crops = [roi.crop(s) for s in slices01]
-        return [roi.paste(p) for p in predict_slices(_without_roi(segmenter), crops, device, mirror)]
+        inside = slice_probabilities(_without_roi(segmenter), crops, device, mirror)
+        pasted = []
+        for probabilities in inside:
+            whole = torch.zeros((probabilities.shape[0],) + tuple(roi.slice_shape), dtype=probabilities.dtype)
+            whole[0] = 1.0
+            whole[:, roi.y0 : roi.y1, roi.x0 : roi.x1] = probabilities
+            pasted.append(whole)
+        return pasted
     transform = SliceTransform(segmenter.image_size)
     images = torch.stack([transform.to_model(s) for s in slices01]).to(device)
-    scores = (mirror_averaged(segmenter, images) if mirror else segmenter(images).float()).cpu()
-    return [transform.from_model(scores[n], s.shape).argmax(0).numpy().astype(np.uint8) for n, s in enumerate(slices01)]
+    if mirror:  # averaged probabilities, resized
+        scores = mirror_averaged(segmenter, images).cpu()
+        return [transform.from_model(scores[n], s.shape) for n, s in enumerate(slices01)]
+    scores = segmenter(images).float().cpu()  # logits resized, then softmax: the argmax of the resized logits
+    return [transform.from_model(scores[n], s.shape).softmax(0) for n, s in enumerate(slices01)]
+
+
+def predict_slices(
+    segmenter: ClassSegmenter, slices01: Sequence[np.ndarray], device: torch.device | str = "cpu",
+    mirror: bool = False,
+) -> list[np.ndarray]:
+    """k+1-class probabilities (:func:`slice_probabilities`) are fused by argmax: 2-D slices -> label maps
+    (0 = background)."""
+    return [p.argmax(0).numpy().astype(np.uint8) for p in slice_probabilities(segmenter, slices01, device, mirror)]
 
 
 class _without_roi:
@@ -155,8 +177,15 @@ def segment_volume(
     tta: str = "auto",
     precision: str = "auto",
     ran: Optional[dict] = None,
+    painted: Optional["PaintedSlices"] = None,
 ) -> np.ndarray:
     """Label every chosen slice of a [0, 1] volume; slices not chosen stay 0. Same shape as the input.
+
+    ``painted`` (:class:`MedSAGaLib.painted.PaintedSlices`, the labels painted on this same volume): each
+    slice's probabilities are blended with the painted slices around it, the painted slices keep their
+    labels (chosen or not), and each class loses the pieces not connected to its painted parts where those
+    lie in one region (:func:`MedSAGaLib.painted.keep_connected_to_painted`); ``ran["removed"]`` receives
+    {class value: voxels removed}.
 
     ``tta`` (``auto``, ``on``, ``off``): average each slice with its mirror image (:func:`mirror_averaging`).
     ``precision="auto"`` (the default): bf16 where OpenVINO runs on a CPU with bf16 units, else f32
@@ -182,13 +211,26 @@ def segment_volume(
                          slices=len(indices) * (2 if mirrored else 1), precision=precision, calibration=calibration)
     if ran is not None:
         ran.update(backend=runner.name, precision=runner.precision)
+    if painted is not None:
+        if painted.labels.shape != array01.shape or painted.axis != axis:
+            raise ValueError(f"The painted labels (shape {painted.labels.shape}, axis {painted.axis}) do not match the "
+                             f"volume being segmented (shape {array01.shape}, axis {axis}).")
+        if painted.num_classes != segmenter.num_classes:
+            raise ValueError(f"The painted labels have {painted.num_classes} classes, the model {segmenter.num_classes}.")
     labels = np.zeros(array01.shape, dtype=np.uint8)
     for batch in _progress_iter(_batches(indices, batch_size), len(indices), progress, "Segmenting"):
-        predictions = predict_slices(runner, [get_slice(array01, axis, i) for i in batch], device, mirrored)
-        for index, prediction in zip(batch, predictions):
-            view = [slice(None)] * 3
-            view[axis] = index
-            labels[tuple(view)] = prediction
+        probabilities = slice_probabilities(runner, [get_slice(array01, axis, i) for i in batch], device, mirrored)
+        for index, scores in zip(batch, probabilities):
+            if painted is not None:
+                scores = torch.from_numpy(painted.blend(scores.numpy(), index))
+            labels[slice_view(axis, index)] = scores.argmax(0).numpy().astype(np.uint8)
+    if painted is not None:
+        from .painted import keep_connected_to_painted
+
+        painted.restore(labels)
+        removed = keep_connected_to_painted(labels, painted, indices)
+        if ran is not None:
+            ran["removed"] = removed
     return labels
 
 

@@ -289,7 +289,8 @@ def check_request(command: str, values: dict) -> list[str]:
             values = dict(values, image=images[0])
     for dest, flag in (("axis", "--axis"), ("slices", "--slices"), ("window", "--window"), ("device", "--device"),
                        ("checkpoint", "--checkpoint"), ("labelmap", "--labelmap"), ("resume", "--resume"),
-                       ("boxes_from", "--boxes-from"), ("base", "--base"), ("proj_type", "--proj-type")):
+                       ("boxes_from", "--boxes-from"), ("base", "--base"), ("proj_type", "--proj-type"),
+                       ("painted", "--painted")):
         _text(values, dest, flag)
     check_axis_name(values.get("axis"))
     check_device_name(values.get("device"))
@@ -322,11 +323,16 @@ def check_request(command: str, values: dict) -> list[str]:
         _number(values, "box_margin", "--box-margin", 0)
         if values.get("box_margin") and not values.get("boxes_from"):
             notes.append("--box-margin is ignored without --boxes-from.")
+        if values.get("painted") is not None and (values.get("boxes_from") or not model_file):
+            raise InputError("--painted applies to an adapted model file (what was painted before fine-tuning).")
+        if values.get("painted") is not None and values.get("image") is None:
+            raise InputError("--painted belongs to one volume; it cannot apply to many inputs (--output-dir).")
         check_outputs(
             [Output("-o/--output", values.get("output"), SEG_SUFFIXES),
              Output("--labelmap", values.get("labelmap"), LABELMAP_SUFFIXES)],
             [("image", values.get("image")), ("--model", model if model_file else None),
-             ("--boxes-from", values.get("boxes_from")), ("--checkpoint", checkpoint)])
+             ("--boxes-from", values.get("boxes_from")), ("--checkpoint", checkpoint),
+             ("--painted", values.get("painted"))])
     elif command == "finetune":
         if values.get("slices") is not None and values.get("shots") is not None:
             raise InputError("--slices and --shots both choose the training slices; give one of them.")
@@ -355,7 +361,7 @@ def check_request(command: str, values: dict) -> list[str]:
     elif command == "info":
         check_model_input(values.get("model"), "model")
     for dest, flag in (("image", "--image" if command != "segment" else "image"), ("labels", "--labels"),
-                       ("boxes_from", "--boxes-from")):
+                       ("boxes_from", "--boxes-from"), ("painted", "--painted")):
         if values.get(dest) is not None and not Path(values[dest]).exists():
             raise InputError(f"{flag} {values[dest]}: No such file or folder.")
     return notes

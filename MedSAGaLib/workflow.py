@@ -291,7 +291,7 @@ class Evaluation:
     classes: list  # one dict per class: name, dice, hd95_mm, slices, slices_one_empty
     training_slices_included: list
     prediction: Optional[np.ndarray] = None  # the label volume predicted on ``slices``
-    ran: dict = field(default_factory=dict)  # the inference backend and precision that ran
+    ran: dict = field(default_factory=dict)  # the inference backend and precision that ran (and painted slices used)
 
     @property
     def mean_dice(self) -> Optional[float]:
@@ -335,11 +335,13 @@ def evaluate_volume(
     backend: str = "auto",
     tta: str = "auto",
     precision: str = "auto",
+    painted: Union[str, Path, None] = None,
 ) -> Evaluation:
     """Segment the annotated slices (or ``slices``) with ``model`` (a file or a segmenter) and score
     them against the reference labels, class by class (matched by name, else by order). ``tta``: test-time
     mirroring, as :func:`MedSAGaLib.inference.mirror_averaging` decides; ``precision``: ``auto``, ``f32``,
-    ``int8`` or ``bf16`` (:func:`MedSAGaLib.inference.segment_volume`)."""
+    ``int8`` or ``bf16`` (:func:`MedSAGaLib.inference.segment_volume`); ``painted``: the labels painted on this
+    volume, used between the painted slices as :mod:`MedSAGaLib.painted` describes (score other slices)."""
     from .inference import resolve_device, segment_volume
     from .metrics import evaluate_labels
 
@@ -357,15 +359,37 @@ def evaluate_volume(
         raise ValueError("The labels have no annotated slice to evaluate on; give --slices.")
     array01 = normalize_with(task.array, preprocessing_for(window, meta))
     ran: dict = {}
+    hint = read_painted(painted, task.image, task.axis, segmenter.class_names) if painted else None
     pred = segment_volume(segmenter, array01, task.axis, slices, batch_size, resolve_device(device),
                           progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model),
-                          tta=tta, precision=precision, ran=ran)
+                          tta=tta, precision=precision, ran=ran, painted=hint)
     stack = lambda volume: np.moveaxis(volume, task.axis, 0)[slices]  # noqa: E731
     metrics = evaluate_labels(stack(pred), stack(ref), segmenter.num_classes, task.spacing2d())
     rows = [dict(name=n, **metrics[c]) for c, n in enumerate(segmenter.class_names, start=1)]
     trained = set((meta.get("training") or {}).get("train_slices") or [])
+    included = trained
+    if hint is not None:  # the painted slices are copied into the prediction: scoring them flatters it
+        included = trained | set(hint.indices)
+        ran["painted_slices"] = list(hint.indices)
+        ran["removed"] = {segmenter.class_names[v - 1]: n for v, n in (ran.get("removed") or {}).items()}
     return Evaluation(str(model) if not hasattr(model, "class_names") else "in memory", slices, rows,
-                      sorted(trained & set(slices)), pred, ran)
+                      sorted(included & set(slices)), pred, ran)
+
+
+def read_painted(path, image: sitk.Image, axis: int, class_names: Sequence[str]):
+    """The labels painted on ``image`` (a .seg.nrrd or label volume on its grid), as
+    :class:`MedSAGaLib.painted.PaintedSlices` for a model with ``class_names`` along ``axis``
+    (a PaintedSlices is checked against them and returned)."""
+    from .painted import PaintedSlices, painted_along
+    from .segio import read_class_labels
+
+    if isinstance(path, PaintedSlices):
+        if path.axis != axis or path.num_classes != len(class_names):
+            raise ValueError(f"The painted slices (axis {path.axis}, {path.num_classes} classes) do not fit a model "
+                             f"with {len(class_names)} classes segmenting along axis {axis}.")
+        return path
+    labels, names, _ = read_class_labels(path, image)
+    return painted_along(labels, axis, class_names, names, slice_spacing_mm=image.GetSpacing()[::-1][axis])
 
 
 def _export_cache(model) -> Optional[Path]:
@@ -395,6 +419,15 @@ class Segmentation:
         return {name: int((self.labels == value).sum()) for value, name in enumerate(self.class_names, start=1)}
 
 
+def _painted_note(painted, removed: dict, class_names: Sequence[str]) -> str:
+    text = (f"the {len(painted.indices)} painted slices were kept as painted, and the slices within "
+            f"{painted.reach_mm:g} mm of them lean on them (weight {painted.weight:g} next to a painted slice)")
+    if removed:
+        text += "; pieces not connected to what was painted were removed: " + ", ".join(
+            f"{class_names[value - 1]} {count} voxels" for value, count in sorted(removed.items()))
+    return text + "."
+
+
 def segment_file(
     image: ImageInput,
     model,
@@ -415,6 +448,7 @@ def segment_file(
     backend: str = "auto",
     tta: str = "auto",
     precision: str = "auto",
+    painted: Union[str, Path, None] = None,
 ) -> Segmentation:
     """Segment a volume slice by slice and write a .seg.nrrd (and ``labelmap``, a plain label volume).
 
@@ -422,7 +456,9 @@ def segment_file(
     (an untrained head) or with ``boxes_from`` (a label volume whose per-slice bounding boxes prompt SAM, zero-shot).
     ``tta``: test-time mirroring of an adapted model (:func:`MedSAGaLib.inference.mirror_averaging`).
     ``precision``: ``auto``, ``f32``, ``int8`` or ``bf16`` for an adapted model
-    (:func:`MedSAGaLib.inference.segment_volume`); box prompts run in f32.
+    (:func:`MedSAGaLib.inference.segment_volume`); box prompts run in f32. ``painted``: the labels painted on
+    this same volume (for an adapted model): they are kept, and the slices between them lean on them
+    (:mod:`MedSAGaLib.painted`).
     """
     from .inference import mirror_averaging, resolve_device, segment_volume, segment_with_boxes
     from .modelfile import is_model_file, load_model
@@ -437,6 +473,8 @@ def segment_file(
     torch_device = resolve_device(device)
     notes = []
     segmenter, meta = None, {}
+    if boxes_from and painted:
+        raise ValueError("--painted is for an adapted model; box prompts (--boxes-from) do not use it.")
     if boxes_from:
         if precision not in ("f32", "auto"):
             raise ValueError(f"--inference-precision {precision} is for adapted models; box prompts run in f32.")
@@ -473,9 +511,12 @@ def segment_file(
             notes.append("the image encoder ran in int8, quantised on slices of this volume (about 99% of pixels "
                          "agree with f32 on the tasks measured); --inference-precision f32 is the reference.")
         ran: dict = {}
+        hint = read_painted(painted, sitk_image, axis_index, segmenter.class_names) if painted else None
         labels = segment_volume(segmenter, array01, axis_index, chosen, batch_size, torch_device,
                                 progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model),
-                                tta=tta, precision=precision, ran=ran)
+                                tta=tta, precision=precision, ran=ran, painted=hint)
+        if hint is not None:
+            notes.append(_painted_note(hint, ran.get("removed") or {}, segmenter.class_names))
         if precision == "auto" and ran.get("precision") == "bf16":
             notes.append("the model ran in OpenVINO at bf16, as this CPU has bf16 units (labels agree with f32 on "
                          "about 99.8% of pixels on the tasks measured); --inference-precision f32 is the reference.")

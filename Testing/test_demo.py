@@ -43,5 +43,6 @@ def test_demo_realistic_task_trains_at_product_defaults_and_scores_unseen_slices
     assert report["steps"] == 1 and any(d.startswith("cropping to rows") for d in report["decisions"])
     assert {"setup", "prepare_training", "steps"} <= set(report["timings"])
     assert (tmp_path / report["overlay"]).exists()
+    assert report["segmented_with_painted_slices"] and isinstance(report["removed_voxels"], dict)
     meta = read_metadata(tmp_path / report["model"])
     assert meta["class_names"] == list(report["dice"]) and meta["training"]["roi"] is not None

@@ -555,3 +555,18 @@ def test_model_output_is_not_mistaken_for_annotations():
     mask[1:3, 1:3] = 1
     segments.write_segment_slices(seg, vol, ids[0], {0: mask}, 0)
     assert segments.class_labels(seg, vol).slices == [0, 2, 5, 9]
+
+
+def test_painted_labels_for_segment_follow_the_model_class_order(tmp_path):
+    """What `medsaga segment --painted` receives: the drawn slices only, numbered in the model's class order
+    (matched by name, case-insensitive), classes the model lacks left out; nothing drawn -> no file."""
+    scene, vol, seg, ids, truth, drawn = _setup_painted()
+    ann = segments.class_labels(seg, vol, axis=0)
+    path = jobs.write_painted(ann, ["Inner", "outer"], vol, str(tmp_path / "painted.nrrd"))
+    written = jobs.read_labels(path, vol)
+    swapped = np.where(drawn == 1, 2, np.where(drawn == 2, 1, 0))
+    assert np.array_equal(written, swapped)
+    assert set(np.unique(drawn)) == {0, 1}  # this phantom's painted slices hold only "outer"
+    only = jobs.read_labels(jobs.write_painted(ann, ["spleen", "OUTER"], vol, str(tmp_path / "p2.nrrd")), vol)
+    assert np.array_equal(only, np.where(drawn == 1, 2, 0))
+    assert jobs.write_painted(ann, ["spleen", "inner"], vol, str(tmp_path / "p3.nrrd")) is None

@@ -47,8 +47,12 @@ def segment_and_check(vol, seg, ids, drawn, model_path, workdir, class_names=CLA
     names, _, _ = jobs.model_summary(model_path)
     assert names == class_names
     bound = jobs.start_segment(vol, seg, model_path, names, ann, str(workdir), slices=todo, device="cpu", threads=1)
+    # the drawn slices go along as --painted, in the model's class order: kept, and leaned on between them
+    painted = bound.job.cmd[bound.job.cmd.index("--painted") + 1]
+    assert np.array_equal(jobs.read_labels(painted, vol), drawn)
     assert bound.job.wait(600) == "done", bound.job.error_text(30)
     predicted = jobs.read_labels(bound.context["labelmap"], vol)  # read before finish() deletes it
+    assert np.array_equal(predicted[ANNOTATED], drawn[ANNOTATED])
     session = segments.EditSession(seg, vol)
     outcome = bound.finish(lambda segmentation, volume, masking: session)
     assert outcome.state == "done" and not os.path.exists(str(workdir))

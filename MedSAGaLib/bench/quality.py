@@ -180,8 +180,9 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
     return net, losses
 
 
-def predict_unet(net, slices01: list[np.ndarray], image_size: int, mirror: bool = False) -> np.ndarray:
-    """``mirror``: averaged with the mirror images, as MedSAGa's own prediction of a model trained with them."""
+def unet_probabilities(net, slices01: list[np.ndarray], image_size: int, mirror: bool = False) -> list[np.ndarray]:
+    """Class probabilities [k+1, H, W] of each slice. ``mirror``: averaged with the mirror images, as MedSAGa's
+    own prediction of a model trained with them."""
     import torch
 
     from ..inference import mirror_averaged
@@ -192,17 +193,26 @@ def predict_unet(net, slices01: list[np.ndarray], image_size: int, mirror: bool 
     with torch.inference_mode():
         for s in slices01:
             x = tf.to_model(s)[None, :1]
-            scores = (mirror_averaged(net, x) if mirror else net(x))[0]
-            out.append(tf.from_model(scores, s.shape).argmax(0).numpy().astype(np.uint8))
-    return np.stack(out)
+            if mirror:
+                out.append(tf.from_model(mirror_averaged(net, x)[0], s.shape).numpy())
+            else:  # resized logits, then softmax: the argmax of the resized logits
+                out.append(tf.from_model(net(x)[0], s.shape).softmax(0).numpy())
+    return out
+
+
+def predict_unet(net, slices01: list[np.ndarray], image_size: int, mirror: bool = False) -> np.ndarray:
+    """Label maps of :func:`unet_probabilities`."""
+    return np.stack([p.argmax(0).astype(np.uint8) for p in unet_probabilities(net, slices01, image_size, mirror)])
 
 
 def unet_baseline(train_images, train_labels, test_images, num_classes: int, steps: int, seed: int,
-                  lr: float = 1e-3, crop: str = "auto", time_budget: Optional[float] = None):
+                  lr: float = 1e-3, crop: str = "auto", time_budget: Optional[float] = None,
+                  probabilities: bool = False):
     """(test label maps, the crop box or None, losses) of a U-Net from scratch on the training slices.
 
     The U-Net gets the crop the SAM methods' ``crop`` mode picks from the same training labels, so
-    both see the same pixels; its predictions are pasted back into whole slices.
+    both see the same pixels; its predictions are pasted back into whole slices. ``probabilities``:
+    class probabilities [N, k+1, H, W] instead of label maps (background outside the crop).
     """
     from ..roi import choose_roi
     from ..training.data import choose_mirror
@@ -213,6 +223,14 @@ def unet_baseline(train_images, train_labels, test_images, num_classes: int, ste
     mirrored = choose_mirror(labels)[0]  # as the product decides; trained and predicted alike
     net, losses = train_unet([cut(x) for x in train_images], labels, num_classes, steps, 256, seed, lr=lr,
                              time_budget=time_budget, mirror=mirrored)
+    if probabilities:
+        inside = unet_probabilities(net, [cut(x) for x in test_images], 256, mirror=mirrored)
+        if roi is None:
+            return np.stack(inside), roi, losses
+        whole = np.zeros((len(inside), num_classes + 1) + tuple(np.shape(test_images[0])), np.float32)
+        whole[:, 0] = 1.0
+        whole[:, :, roi.y0 : roi.y1, roi.x0 : roi.x1] = np.stack(inside)
+        return whole, roi, losses
     pred = predict_unet(net, [cut(x) for x in test_images], 256, mirror=mirrored)
     if roi is not None:
         pred = np.stack([roi.paste(p) for p in pred])

@@ -8,6 +8,8 @@ on the plan's unseen annotated slices:
 - ``unet``: a MONAI 2-D U-Net from scratch on the 5 painted slices only, with the crop the product's
   ``--crop auto`` picks from the same painted labels and the same wall-clock budget as the product's
   default fine-tuning (240 s), steps planned from the first steps' time;
+- ``unet+painted``: the same U-Net's probabilities with the help ``medsaga evaluate --painted`` gives MedSAGa
+  (blended with the painted slices, pieces not connected to them dropped; MedSAGaLib/painted.py);
 - ``oracle-box``: zero-shot LiteMedSAM prompted with each structure's box taken from the reference
   labels of every scored slice (an upper bound on what box prompting gives; the user would draw them).
 Prints one ``BASELINE`` line each and writes OUT/TASK/baselines.json (per-class Dice and HD95).
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
     from MedSAGaLib.bench.quality import score, unet_baseline
     from MedSAGaLib.inference import segment_with_boxes
     from MedSAGaLib.models import build_base_model
+    from MedSAGaLib.painted import PaintedSlices, keep_connected_to_painted
     from MedSAGaLib.volume import normalize_with
     from MedSAGaLib.workflow import load_task, preprocessing_for
 
@@ -62,11 +65,24 @@ def main(argv=None) -> int:
     report("nearest-slice", copy_nearest_slices({z: ref[z] for z in painted}, test))
     if "unet" not in skip:
         t0 = time.perf_counter()
-        pred, roi, losses = unet_baseline([slices01[z] for z in painted], [ref[z] for z in painted],
-                                          [slices01[z] for z in test], len(names), args.unet_max_steps, args.seed,
-                                          time_budget=args.unet_budget)
-        report("unet", pred, steps=len(losses), seconds=round(time.perf_counter() - t0), final_loss=round(losses[-1], 3),
+        span = list(range(min(test + painted), max(test + painted) + 1))  # every slice, for the 3-D pieces
+        probs, roi, losses = unet_baseline([slices01[z] for z in painted], [ref[z] for z in painted],
+                                           [slices01[z] for z in span], len(names), args.unet_max_steps, args.seed,
+                                           time_budget=args.unet_budget, probabilities=True)
+        at = {z: i for i, z in enumerate(span)}
+        report("unet", np.stack([probs[at[z]].argmax(0) for z in test]).astype(np.uint8), steps=len(losses),
+               seconds=round(time.perf_counter() - t0), final_loss=round(losses[-1], 3),
                crop=roi.to_dict() if roi is not None else None)
+        # the same help from the painted slices as `medsaga segment/evaluate --painted` gives MedSAGa
+        drawn = np.zeros_like(ref)
+        drawn[painted] = ref[painted]
+        hint = PaintedSlices(drawn, 0, len(names), slice_spacing_mm=task.image.GetSpacing()[::-1][task.axis])
+        volume = np.zeros_like(ref)
+        for z in span:
+            volume[z] = hint.blend(probs[at[z]], z).argmax(0)
+        hint.restore(volume)
+        keep_connected_to_painted(volume, hint, span)
+        report("unet+painted", volume[test])
     if "oracle-box" not in skip:
         t0 = time.perf_counter()
         boxes = segment_with_boxes(build_base_model("litemedsam"), array01, task.labels, task.axis, test,

@@ -2,7 +2,7 @@
 # A user's run on a sample task (docs/results/NOTES.md, "Realistic tasks"): labels kept on 5 evenly spread
 # annotated slices only (what a user paints), `medsaga finetune` with no flags but the ones given (it holds
 # one painted slice out to validate from 10 painted slices on), then `medsaga evaluate` on every other annotated slice
-# of the reference, and the baselines of docs/tools/painted_baselines.py on the same slices (once per task).
+# of the reference, without and with `--painted` (as the Slicer panel segments), and the baselines of docs/tools/painted_baselines.py on the same slices (once per task).
 # Usage: docs/tools/painted_slices_run.sh TASK NAME [finetune flags...]   (OUT=folder, default /tmp/medsaga-painted)
 # e.g.   docs/tools/painted_slices_run.sh colin27_aal galore
 #        docs/tools/painted_slices_run.sh colin27_aal decoder --method decoder
@@ -38,6 +38,9 @@ test=$($PY -c "import json;print(','.join(map(str,json.load(open('$out/plan.json
 /usr/bin/time -f "finetune wall %e s" $PY -m MedSAGaLib.cli finetune --image $out/image.nii.gz --labels $out/painted.seg.nrrd --axis $axis -o $out/$name.medsaga --feature-cache none "$@" 2>&1 | grep -v "^step\|^\s*$" | tail -25
 $PY -m MedSAGaLib.cli evaluate --model $out/$name.medsaga --image $out/image.nii.gz --labels $out/reference.seg.nrrd --axis $axis --slices $test --backend torch --json > $out/$name.eval.json
 $PY -c "import json;r=json.load(open('$out/$name.eval.json'));print('EVAL', '$task', '$name', round(r['mean_dice'],3), {c['name']: round(c['dice'],3) for c in r['classes']})"
+# as the Slicer panel segments: the painted slices kept and leaned on between them (--painted)
+$PY -m MedSAGaLib.cli evaluate --model $out/$name.medsaga --image $out/image.nii.gz --labels $out/reference.seg.nrrd --axis $axis --slices $test --backend torch --painted $out/painted.seg.nrrd --json > $out/$name.painted.eval.json
+$PY -c "import json;r=json.load(open('$out/$name.painted.eval.json'));print('EVAL', '$task', '$name+painted', round(r['mean_dice'],3), {c['name']: round(c['dice'],3) for c in r['classes']}, 'removed', r['inference'].get('removed'))"
 # the baselines on the same slices: nearest painted slice, U-Net from scratch (same budget), oracle boxes
 [ -f $out/baselines.json ] || $PY docs/tools/painted_baselines.py $out
 $PY -c "import json;r=json.load(open('$out/baselines.json'))['results'];[print('BASELINE', k, round(v['dice'],3)) for k, v in r.items()]"

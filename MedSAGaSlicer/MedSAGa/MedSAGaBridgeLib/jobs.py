@@ -474,6 +474,25 @@ def finetune_args(inputs, model_path, **options):
                          **options)
 
 
+def write_painted(annotations, class_names, volume_node, path):
+    """The annotated (drawn, not predicted) slices' labels, numbered in the model's class order, as a label
+    volume at ``path`` for ``medsaga segment --painted``; None when no class of the model is drawn. The
+    classes are matched by name (case-insensitive), as the result is written back."""
+    wanted = [n.strip().lower() for n in class_names]
+    drawn = [n.strip().lower() for n in annotations.class_names]
+    labels = np.zeros_like(annotations.labels)
+    for s in annotations.slices:
+        view = slice_view(annotations.axis, s)
+        source = annotations.labels[view]
+        target = labels[view]
+        for value, name in enumerate(drawn, start=1):
+            if name in wanted:
+                target[source == value] = wanted.index(name) + 1
+    if not labels.any():
+        return None
+    return write_labels(labels, volume_node, path)
+
+
 def start_segment(volume_node, segmentation_node, model_path, class_names, annotations, workdir=None, slices=None,
                   device=None, threads=None, env=None, masking=None, python=None):
     """Start ``medsaga segment`` for the volume; the result fills the segmentation's classes
@@ -485,8 +504,10 @@ def start_segment(volume_node, segmentation_node, model_path, class_names, annot
     workdir = ensure_workdir(workdir)
     image = write_volume(volume_node, os.path.join(workdir, "image.nrrd"))
     labelmap = os.path.join(workdir, "result-labels.nrrd")
+    painted = write_painted(annotations, class_names, volume_node, os.path.join(workdir, "painted.nrrd"))
     args = segment_argv(image, model_path, os.path.join(workdir, "result.seg.nrrd"), labelmap=labelmap,
-                        axis=annotations.axis, slices=slices, device=device)  # threads: the job's environment
+                        axis=annotations.axis, slices=slices, device=device,  # threads: the job's environment
+                        painted=painted)
     job = Job("MedSAGaLib.cli", args, workdir, env=env, threads=threads, grace=2.0, python=python)
     return BoundJob(job, "segment", volume_node, segmentation_node, masking=masking, labelmap=labelmap,
                     class_names=list(class_names), axis=annotations.axis, annotated=list(annotations.slices),
