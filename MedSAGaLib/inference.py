@@ -182,9 +182,9 @@ def segment_volume(
     """Label every chosen slice of a [0, 1] volume; slices not chosen stay 0. Same shape as the input.
 
     ``painted`` (:class:`MedSAGaLib.painted.PaintedSlices`, the labels painted on this same volume): each
-    slice's probabilities are blended with the painted slices around it, the painted slices keep their
-    labels (chosen or not), and each class loses the pieces not connected to its painted parts where those
-    lie in one region (:func:`MedSAGaLib.painted.keep_connected_to_painted`); ``ran["removed"]`` receives
+    slice's probabilities are blended with the painted slices near it, the painted slices keep their
+    labels (chosen or not), and each class loses the pieces not connected to its painted parts
+    (:func:`MedSAGaLib.painted.keep_connected_to_painted` says when); ``ran["removed"]`` receives
     {class value: voxels removed}.
 
     ``tta`` (``auto``, ``on``, ``off``): average each slice with its mirror image (:func:`mirror_averaging`).

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,6 +26,9 @@ from .slices import (MIN_SLICES_TO_HOLD_OUT, annotated_slices, get_slice, holdou
                      plan_slices, select_classes)
 from .training.config import FinetuneConfig, TrainingError
 from .volume import array_from_image, normalize_with, read_volume, slice_axis, window_settings
+
+if TYPE_CHECKING:
+    from .painted import PaintedSlices
 
 ProgressCallback = Optional[Callable[[dict], None]]
 ImageInput = Union[str, Path, sitk.Image]
@@ -335,7 +338,7 @@ def evaluate_volume(
     backend: str = "auto",
     tta: str = "auto",
     precision: str = "auto",
-    painted: Union[str, Path, None] = None,
+    painted: Union[str, Path, "PaintedSlices", None] = None,
 ) -> Evaluation:
     """Segment the annotated slices (or ``slices``) with ``model`` (a file or a segmenter) and score
     them against the reference labels, class by class (matched by name, else by order). ``tta``: test-time
@@ -379,14 +382,11 @@ def evaluate_volume(
 def read_painted(path, image: sitk.Image, axis: int, class_names: Sequence[str]):
     """The labels painted on ``image`` (a .seg.nrrd or label volume on its grid), as
     :class:`MedSAGaLib.painted.PaintedSlices` for a model with ``class_names`` along ``axis``
-    (a PaintedSlices is checked against them and returned)."""
+    (a PaintedSlices is returned as it is: :func:`MedSAGaLib.inference.segment_volume` checks it)."""
     from .painted import PaintedSlices, painted_along
     from .segio import read_class_labels
 
     if isinstance(path, PaintedSlices):
-        if path.axis != axis or path.num_classes != len(class_names):
-            raise ValueError(f"The painted slices (axis {path.axis}, {path.num_classes} classes) do not fit a model "
-                             f"with {len(class_names)} classes segmenting along axis {axis}.")
         return path
     labels, names, _ = read_class_labels(path, image)
     return painted_along(labels, axis, class_names, names, slice_spacing_mm=image.GetSpacing()[::-1][axis])
@@ -448,7 +448,7 @@ def segment_file(
     backend: str = "auto",
     tta: str = "auto",
     precision: str = "auto",
-    painted: Union[str, Path, None] = None,
+    painted: Union[str, Path, "PaintedSlices", None] = None,
 ) -> Segmentation:
     """Segment a volume slice by slice and write a .seg.nrrd (and ``labelmap``, a plain label volume).
 
