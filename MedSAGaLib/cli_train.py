@@ -159,7 +159,7 @@ def run_evaluate(args) -> int:
     painted = evaluation.ran.get("painted_slices")
     if painted:
         removed = evaluation.ran.get("removed") or {}
-        print(f"Note: the {len(painted)} painted slices ({format_ranges(painted)}) were kept, and the slices between "
+        print(f"Note: the {len(painted)} painted slices ({format_ranges(painted)}) were kept, and the slices near "
               "them lean on them" + ("; removed pieces not connected to what was painted: " + ", ".join(
                   f"{k} {v} voxels" for k, v in removed.items()) if removed else "") + ".")
     overlap = evaluation.training_slices_included

@@ -106,7 +106,7 @@ INFERENCE_PRECISION = Option(
     "The lower precisions are faster on a CPU, with about 99.8%% of pixels as f32 (README)",
     choices=("auto", "f32", "int8", "bf16"), default="auto")  # = backends.INFERENCE_PRECISIONS (a test keeps them equal)
 PAINTED = Option(("--painted",), "painted", "the labels painted on this same volume (the .seg.nrrd or label volume "
-                 "the model was fine-tuned from): they are kept, the slices between them lean on them, and pieces of "
+                 "the model was fine-tuned from): they are kept, the slices near them lean on them, and pieces of "
                  "a class not connected to its painted parts are dropped (README); not for other scans",
                  metavar="LABELS")
 THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)

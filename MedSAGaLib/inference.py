@@ -225,10 +225,7 @@ def segment_volume(
                 scores = torch.from_numpy(painted.blend(scores.numpy(), index))
             labels[slice_view(axis, index)] = scores.argmax(0).numpy().astype(np.uint8)
     if painted is not None:
-        from .painted import keep_connected_to_painted
-
-        painted.restore(labels)
-        removed = keep_connected_to_painted(labels, painted, indices)
+        removed = painted.finish(labels, indices)
         if ran is not None:
             ran["removed"] = removed
     return labels

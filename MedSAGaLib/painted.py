@@ -106,6 +106,11 @@ class PaintedSlices:
                              f"{probabilities.shape[1:]}.")
         return (1 - weight) * probabilities + weight * fractions
 
+    def finish(self, labels: np.ndarray, segmented=None) -> dict:
+        """After every slice is blended: :meth:`restore` the painted slices, then
+        :func:`keep_connected_to_painted` (which needs them restored). Returns its {class value: voxels removed}."""
+        return keep_connected_to_painted(self.restore(labels), self, segmented)
+
     def restore(self, labels: np.ndarray) -> np.ndarray:
         """``labels`` with every painted slice set to what was painted (in place; returned)."""
         for index in self.indices:
@@ -176,10 +181,11 @@ def painted_along(labels: np.ndarray, axis: int, class_names, names, slice_spaci
         labels = lookup[labels]
     else:
         labels = labels_for_model(list(class_names), list(names), labels)
-    counts = [len(annotated_slices(labels, a)) for a in range(3)]
+    along = [annotated_slices(labels, a) for a in range(3)]
+    counts = [len(indices) for indices in along]
     if counts[axis] == 0:
         raise ValueError(f"{what}: no class of the model is painted.")
     if any(counts[axis] > counts[a] for a in range(3) if a != axis):
         raise ValueError(f"{what}: the labels lie on {counts[axis]} slices along the model's slice axis but on fewer "
                          f"along another ({counts}); paint whole slices along the axis the model segments.")
-    return PaintedSlices(labels.astype(np.uint8), axis, len(class_names), slice_spacing_mm)
+    return PaintedSlices(labels.astype(np.uint8), axis, len(class_names), slice_spacing_mm, indices=along[axis])

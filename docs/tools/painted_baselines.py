@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from MedSAGaLib.bench.quality import score, unet_baseline
     from MedSAGaLib.inference import segment_with_boxes
     from MedSAGaLib.models import build_base_model
-    from MedSAGaLib.painted import PaintedSlices, keep_connected_to_painted
+    from MedSAGaLib.painted import PaintedSlices
     from MedSAGaLib.volume import normalize_with
     from MedSAGaLib.workflow import load_task, preprocessing_for
 
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
         volume = np.zeros_like(ref)
         for z in span:
             volume[z] = hint.blend(probs[at[z]], z).argmax(0)
-        hint.restore(volume)
-        keep_connected_to_painted(volume, hint, span)
+        hint.finish(volume, span)
         report("unet+painted", volume[test])
     if "oracle-box" not in skip:
         t0 = time.perf_counter()

@@ -479,15 +479,14 @@ def write_painted(annotations, class_names, volume_node, path):
     volume at ``path`` for ``medsaga segment --painted``; None when no class of the model is drawn. The
     classes are matched by name (case-insensitive), as the result is written back."""
     wanted = [n.strip().lower() for n in class_names]
-    drawn = [n.strip().lower() for n in annotations.class_names]
+    lookup = np.zeros(len(annotations.class_names) + 1, np.uint8)  # segment value -> model class (0: not the model's)
+    for value, name in enumerate(annotations.class_names, start=1):
+        if name.strip().lower() in wanted:
+            lookup[value] = wanted.index(name.strip().lower()) + 1
     labels = np.zeros_like(annotations.labels)
     for s in annotations.slices:
         view = slice_view(annotations.axis, s)
-        source = annotations.labels[view]
-        target = labels[view]
-        for value, name in enumerate(drawn, start=1):
-            if name in wanted:
-                target[source == value] = wanted.index(name) + 1
+        labels[view] = lookup[annotations.labels[view]]
     if not labels.any():
         return None
     return write_labels(labels, volume_node, path)
