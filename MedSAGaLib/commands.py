@@ -120,8 +120,8 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
     Option(("--shots",), "shots", "use N annotated slices, evenly spread", type=int),
     Option(("--classes",), "classes", "class names: rename the label values 1..k in order, or pick segments "
            "of a .seg.nrrd by name", nargs="+"),
-    Option(("--method",), "method", "training method (default auto: decoder-only on a CPU when the painted structures "
-           "are small enough to crop to, galore otherwise; measured in docs/results/NOTES.md)", choices=_methods,
+    Option(("--method",), "method", "training method (default auto: galore, except decoder-only on a CPU without bf16 "
+           "units when the painted structures are small enough to crop to; measured in docs/results/NOTES.md)", choices=_methods,
            default=_DEFAULTS.method),
     Option(("--base",), "base", "base model (default litemedsam)", choices=BASE_MODEL_NAMES),
     CHECKPOINT,

@@ -27,7 +27,8 @@ class FinetuneConfig:
     is what makes encoder fine-tuning affordable on a CPU. ``None`` picks the method's default.
     """
 
-    # "auto": decoder-only on a CPU when the painted structures are small enough to crop to, else galore
+    # "auto": galore, except decoder-only on a CPU without bf16 units when the painted structures are small enough
+    # to crop to
     # (training.methods.choose_method, measured in docs/results/NOTES.md)
     method: str = AUTO
     # None: the data decide (train until the held-out painted slices stop improving, within ``time_budget``
