@@ -120,6 +120,15 @@ def test_effect_segments_the_current_slice_in_process(tiny_model_file):
     assert slices == [2] and sorted(written) == sorted(names)
     after = segments.class_labels(seg, vol, axis=0).labels
     assert np.array_equal(np.delete(after, 2, axis=0), np.delete(drawn, 2, axis=0))  # only slice 2 changed
+    # as the Segment volume job (--painted), the drawn slices 1 and 4 (3 mm apart) are leaned on: the slice is
+    # what segment_volume gives with them, and not what the model alone gives
+    from MedSAGaLib.inference import segment_volume
+    from MedSAGaLib.painted import PaintedSlices
+    array01 = prompts.normalized_array(vol, segmenter.metadata.get("preprocessing"))
+    with_painted = segment_volume(segmenter, array01, 0, [2], None, "cpu", False,
+                                  painted=PaintedSlices(drawn, 0, len(names), 3.0))
+    alone = segment_volume(segmenter, array01, 0, [2], None, "cpu", False)
+    assert np.array_equal(after[2], with_painted[2]) and not np.array_equal(after[2], alone[2])
     session.undo()
     assert np.array_equal(segments.class_labels(seg, vol, axis=0).labels, drawn)
     seg.GetSegmentation().GetSegment(ids[0]).SetName("liver")

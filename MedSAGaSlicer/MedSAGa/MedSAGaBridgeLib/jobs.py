@@ -474,10 +474,10 @@ def finetune_args(inputs, model_path, **options):
                          **options)
 
 
-def write_painted(annotations, class_names, volume_node, path):
-    """The annotated (drawn, not predicted) slices' labels, numbered in the model's class order, as a label
-    volume at ``path`` for ``medsaga segment --painted``; None when no class of the model is drawn. The
-    classes are matched by name (case-insensitive), as the result is written back."""
+def painted_labels(annotations, class_names):
+    """The annotated (drawn, not predicted) slices' labels, numbered in the model's class order (0 elsewhere);
+    None when no class of the model is drawn. The classes are matched by name (case-insensitive), as the
+    result is written back."""
     wanted = [n.strip().lower() for n in class_names]
     lookup = np.zeros(len(annotations.class_names) + 1, np.uint8)  # segment value -> model class (0: not the model's)
     for value, name in enumerate(annotations.class_names, start=1):
@@ -487,9 +487,14 @@ def write_painted(annotations, class_names, volume_node, path):
     for s in annotations.slices:
         view = slice_view(annotations.axis, s)
         labels[view] = lookup[annotations.labels[view]]
-    if not labels.any():
-        return None
-    return write_labels(labels, volume_node, path)
+    return labels if labels.any() else None
+
+
+def write_painted(annotations, class_names, volume_node, path):
+    """:func:`painted_labels` as a label volume at ``path`` for ``medsaga segment --painted``; None when no
+    class of the model is drawn."""
+    labels = painted_labels(annotations, class_names)
+    return None if labels is None else write_labels(labels, volume_node, path)
 
 
 def start_segment(volume_node, segmentation_node, model_path, class_names, annotations, workdir=None, slices=None,

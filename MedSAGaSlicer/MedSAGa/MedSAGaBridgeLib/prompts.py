@@ -10,7 +10,7 @@ from MedSAGaLib.slices import bounding_box, get_slice
 
 from . import BridgeError
 from .geometry import volume_array
-from .jobs import BoundJob, Job, ensure_workdir, write_volume
+from .jobs import BoundJob, Job, ensure_workdir, painted_labels, write_volume
 from .segments import apply_prediction, class_labels, segment_array, segments_for_classes, write_segment_slices
 
 
@@ -24,7 +24,9 @@ def normalized_array(volume_node, preprocessing=None):
 def segment_slice_with_model(segmentation_node, volume_node, segmenter, axis, index, session=None, device="cpu"):
     """An adapted model's classes on one slice, into the segments named like them.
 
-    An annotated slice is never changed. Returns (slices written, {class: voxels})."""
+    As the *Segment volume* job does (``--painted``), the drawn slices near this one are leaned on
+    (:class:`MedSAGaLib.painted.PaintedSlices`). An annotated slice is never changed. Returns (slices
+    written, {class: voxels})."""
     from MedSAGaLib.inference import segment_volume
     class_names = list(segmenter.class_names)
     mapping = segments_for_classes(segmentation_node, class_names)
@@ -33,10 +35,22 @@ def segment_slice_with_model(segmentation_node, volume_node, segmenter, axis, in
         return [], {}
     meta = getattr(segmenter, "metadata", {}) or {}
     array01 = normalized_array(volume_node, meta.get("preprocessing"))
-    prediction = segment_volume(segmenter, array01, ann.axis, [int(index)], None, device, False)
+    prediction = segment_volume(segmenter, array01, ann.axis, [int(index)], None, device, False,
+                                painted=painted_slices(ann, class_names, volume_node))
     written = apply_prediction(segmentation_node, volume_node, prediction, class_names, ann.axis,
                                protected_slices=ann.slices, slices=[int(index)], session=session)
     return [int(index)], written
+
+
+def painted_slices(annotations, class_names, volume_node):
+    """The drawn slices as :class:`MedSAGaLib.painted.PaintedSlices` for a model with ``class_names``; None when
+    none of its classes is drawn."""
+    from MedSAGaLib.painted import PaintedSlices
+    labels = painted_labels(annotations, class_names)
+    if labels is None:
+        return None
+    spacing = float(volume_node.GetSpacing()[::-1][annotations.axis])  # IJK spacing; the array is (k, j, i)
+    return PaintedSlices(labels, annotations.axis, len(class_names), spacing)  # the slices holding a model class
 
 
 def box_predictor(base, device="cpu"):

@@ -52,7 +52,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def helpText(self):
         return """<html>Segment with the Segment Anything Model.<p>
 <b>Adapted model</b>: fills the current slice or all slices into the segments named like the
-model's classes (fine-tune one in the MedSAGa module). Annotated slices are kept.<p>
+model's classes (fine-tune one in the MedSAGa module). Annotated slices are kept, and slices
+within a few millimetres of them lean on them.<p>
 <b>Box prompt</b>: segments the selected segment on the current slice from its bounding box
 (or drag a box in a slice view with <i>Draw box</i> on); <i>Propagate</i> continues slice by slice.<p>
 Masking settings apply; Undo reverts each apply. Long work runs in the background (Cancel stops it).
