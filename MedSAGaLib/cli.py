@@ -45,7 +45,7 @@ def run_segment(args) -> int:
                            image_size=args.image_size, boxes_from=args.boxes_from, box_margin=args.box_margin,
                            batch_size=args.batch_size, device=args.device, progress=progress,
                            backend=args.backend, tta=args.tta, precision=args.inference_precision,
-                           painted=args.painted)
+                           painted=args.painted or "auto")
     finally:
         progress.close()
     for note in seg.notes:

@@ -676,8 +676,9 @@ def run_segment_cohort(args) -> int:
 
     if not args.output_dir:
         raise CohortError("Give --output-dir DIR for the outputs of many inputs.")
+    painted = getattr(args, "painted", None)  # "none" (the model alone) is what every cohort input gets anyway
     for option, value in (("-o/--output", args.output), ("--labelmap", args.labelmap), ("--boxes-from", args.boxes_from),
-                          ("--classes", args.classes), ("--painted", getattr(args, "painted", None))):
+                          ("--classes", args.classes), ("--painted", None if painted == "none" else painted)):
         if value:
             raise CohortError(f"{option} is for one input; with --output-dir the names come from the inputs "
                               "(--labelmaps adds label maps, a CSV 'output' column sets names).")

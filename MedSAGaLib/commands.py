@@ -109,6 +109,12 @@ PAINTED = Option(("--painted",), "painted", "the labels painted on this same vol
                  "the model was fine-tuned from): they are kept, the slices near them lean on them, and pieces of "
                  "a class not connected to its painted parts are dropped (README); not for other scans",
                  metavar="LABELS")
+SEGMENT_PAINTED = Option(("--painted",), "painted", "the labels painted on this same volume (the .seg.nrrd or label "
+                         "volume the model was fine-tuned from): they are kept, the slices near them lean on them, and "
+                         "pieces of a class not connected to its painted parts are dropped (README); not for other "
+                         "scans. Default: on the very scan the model was fine-tuned on (same voxels), the labels file "
+                         "it was fine-tuned from, if its training slices are unchanged; 'none': the model alone",
+                         metavar="LABELS")
 THREADS = Option(("--threads",), "threads", "CPU threads for PyTorch (default: PyTorch's choice)", type=int)
 IMAGE = Option(("--image",), "image", "NIfTI, NRRD, MetaImage file or a DICOM series folder", required=True)
 LABELS = Option(("--labels",), "labels", "label volume on the image's grid, or a .seg.nrrd", required=True)
@@ -205,7 +211,7 @@ SEGMENT_OPTIONS = (
     Option(("--labelmap",), "labelmap", "also write a plain label volume (e.g. OUT.nii.gz)"),
     Option(("--batch-size",), "batch_size", "slices per forward pass (default: 1 on a CPU, where it is fastest; "
            "8 on a GPU)", type=int),
-    AXIS, SLICES, DEVICE, WINDOW, THREADS, BACKEND, TTA, INFERENCE_PRECISION, PAINTED,
+    AXIS, SLICES, DEVICE, WINDOW, THREADS, BACKEND, TTA, INFERENCE_PRECISION, SEGMENT_PAINTED,
 )
 
 

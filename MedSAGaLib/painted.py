@@ -189,3 +189,30 @@ def painted_along(labels: np.ndarray, axis: int, class_names, names, slice_spaci
         raise ValueError(f"{what}: the labels lie on {counts[axis]} slices along the model's slice axis but on fewer "
                          f"along another ({counts}); paint whole slices along the axis the model segments.")
     return PaintedSlices(labels.astype(np.uint8), axis, len(class_names), slice_spacing_mm, indices=along[axis])
+
+
+# --- the scan a model was fine-tuned on ------------------------------------------------------------
+# A model file records fingerprints (hashes, no voxel or label content) of the scan it was fine-tuned on and of its
+# training slices' labels, so that `medsaga segment` on that same scan can find the painted slices by itself.
+def volume_fingerprint(image, array: np.ndarray) -> str:
+    """A hash of a volume's voxels and grid (spacing, origin, direction): equal for the same scan in any file format
+    that keeps its voxel values."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(repr((tuple(array.shape), tuple(round(float(v), 6) for v in image.GetSpacing()),
+                        tuple(round(float(v), 4) for v in image.GetOrigin()),
+                        tuple(round(float(v), 6) for v in image.GetDirection()))).encode())
+    digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def labels_fingerprint(labels: np.ndarray, axis: int, indices) -> str:
+    """A hash of the class labels (in the model's class order) on slices ``indices`` along ``axis``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index in sorted(int(i) for i in indices):
+        digest.update(str(index).encode())
+        digest.update(np.ascontiguousarray(labels[slice_view(axis, index)], dtype=np.uint8).tobytes())
+    return digest.hexdigest()

@@ -312,6 +312,8 @@ def check_request(command: str, values: dict) -> list[str]:
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise InputError(f"--checkpoint {checkpoint}: no such file.")
 
+    if command == "segment" and values.get("painted") == "none":  # the model alone (segment's default is auto)
+        values = dict(values, painted=None)
     if command == "segment":
         model = values.get("model") or "litemedsam"
         model_file = not is_base_model(model)

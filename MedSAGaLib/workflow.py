@@ -269,6 +269,13 @@ def finetune_volume(
         resumed_from=str(resume) if resume else None, previous_training=(resumed_meta or {}).get("training"),
         rank=config.rank, lr=config.lr,
     )
+    if task.labels_source and Path(task.labels_source).is_file():
+        from .painted import labels_fingerprint, volume_fingerprint
+
+        # hashes only (no voxels or labels): `segment` on this same scan finds the painted slices by itself
+        training["painted_from"] = dict(labels=str(Path(task.labels_source).resolve()),
+                                        image_sha256=volume_fingerprint(task.image, task.array),
+                                        train_labels_sha256=labels_fingerprint(task.labels, task.axis, train_idx))
     metadata = {"preprocessing": preprocessing, "axis": task.axis_name, "training": jsonable(training),
                 "validation_dice": jsonable(result.val_dice)}
     run = FinetuneRun(segmenter, result, train_idx, val_idx, config, metadata)
@@ -392,6 +399,39 @@ def read_painted(path, image: sitk.Image, axis: int, class_names: Sequence[str])
     return painted_along(labels, axis, class_names, names, slice_spacing_mm=image.GetSpacing()[::-1][axis])
 
 
+def own_painted(meta: dict, image: sitk.Image, array: np.ndarray, axis: int, class_names: Sequence[str],
+                outputs: Sequence = ()):
+    """``segment``'s default (``--painted auto``): the labels an adapted model was fine-tuned from, as
+    :class:`MedSAGaLib.painted.PaintedSlices`, when ``image`` is the very scan it was fine-tuned on (same voxels
+    and grid) and the labels file still holds the training slices as they were (hashes recorded by
+    :func:`finetune_file`). Returns (painted or None, a note for the user or None); another scan gives (None, None).
+    Refuses, by name, an output that would replace those labels."""
+    from .painted import labels_fingerprint, volume_fingerprint
+
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    source = training.get("painted_from") if isinstance(training.get("painted_from"), dict) else {}
+    if not isinstance(source.get("image_sha256"), str) or volume_fingerprint(image, array) != source["image_sha256"]:
+        return None, None  # not the scan it was fine-tuned on (or a model file without the record)
+    path = Path(str(source.get("labels") or ""))
+    why = "segmented with the model alone; --painted LABELS gives them."
+    if not path.is_file():
+        return None, f"this model was fine-tuned on this scan, but its labels file {path} is gone: {why}"
+    for out in outputs:
+        if out is not None and Path(out).resolve() == path.resolve():
+            raise ValueError(f"Output {out} would replace {path}, the labels this model was fine-tuned from (used "
+                             "as --painted on this scan): write elsewhere, or pass --painted none.")
+    try:
+        hint = read_painted(path, image, axis, class_names)
+    except (ValueError, OSError, RuntimeError) as exc:
+        return None, f"the labels this model was fine-tuned from ({path}) could not be used ({exc}): {why}"
+    trained = training.get("train_slices")
+    if (not isinstance(trained, list) or not all(isinstance(i, int) and 0 <= i < hint.labels.shape[axis] for i in trained)
+            or labels_fingerprint(hint.labels, axis, trained) != source.get("train_labels_sha256")):
+        return None, f"{path}, the labels this model was fine-tuned from, changed on its training slices: {why}"
+    return hint, (f"this model was fine-tuned on this scan: the slices painted in {path} were used as --painted "
+                  "(kept, and leaned on near them); --painted none segments with the model alone.")
+
+
 def _export_cache(model) -> Optional[Path]:
     """Where the OpenVINO export of a model file lives (next to it); None for segmenters in memory and
     base models (the user cache)."""
@@ -458,7 +498,8 @@ def segment_file(
     ``precision``: ``auto``, ``f32``, ``int8`` or ``bf16`` for an adapted model
     (:func:`MedSAGaLib.inference.segment_volume`); box prompts run in f32. ``painted``: the labels painted on
     this same volume (for an adapted model): they are kept, and the slices between them lean on them
-    (:mod:`MedSAGaLib.painted`).
+    (:mod:`MedSAGaLib.painted`); ``"auto"`` (the CLI's default): the labels the model was fine-tuned from, when
+    this is the scan it was fine-tuned on (:func:`own_painted`); None or ``"none"``: the model alone.
     """
     from .inference import mirror_averaging, resolve_device, segment_volume, segment_with_boxes
     from .modelfile import is_model_file, load_model
@@ -473,7 +514,9 @@ def segment_file(
     torch_device = resolve_device(device)
     notes = []
     segmenter, meta = None, {}
-    if boxes_from and painted:
+    if painted == "none":
+        painted = None
+    if boxes_from and painted not in (None, "auto"):
         raise ValueError("--painted is for an adapted model; box prompts (--boxes-from) do not use it.")
     if boxes_from:
         if precision not in ("f32", "auto"):
@@ -511,11 +554,17 @@ def segment_file(
             notes.append("the image encoder ran in int8, quantised on slices of this volume (about 99% of pixels "
                          "agree with f32 on the tasks measured); --inference-precision f32 is the reference.")
         ran: dict = {}
-        hint = read_painted(painted, sitk_image, axis_index, segmenter.class_names) if painted else None
+        if painted == "auto":
+            hint, note = own_painted(meta, sitk_image, array, axis_index, segmenter.class_names, (output, labelmap))
+            notes.extend([note] if note and hint is None else [])
+        else:
+            hint = read_painted(painted, sitk_image, axis_index, segmenter.class_names) if painted else None
         labels = segment_volume(segmenter, array01, axis_index, chosen, batch_size, torch_device,
                                 progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model),
                                 tta=tta, precision=precision, ran=ran, painted=hint)
         if hint is not None:
+            if painted == "auto":
+                notes.append(note)
             notes.append(_painted_note(hint, ran.get("removed") or {}, segmenter.class_names))
         if precision == "auto" and ran.get("precision") == "bf16":
             notes.append("the model ran in OpenVINO at bf16, as this CPU has bf16 units (labels agree with f32 on "

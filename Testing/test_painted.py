@@ -176,3 +176,57 @@ def test_segment_volume_keeps_the_painted_slices_and_cli_segment_and_evaluate_ta
     code = main(["segment", str(tmp_path / "image.nrrd"), "--model", str(tiny_model_file), "--output-dir",
                  str(tmp_path / "many"), "--painted", str(painted)])
     assert code != 0 and "--painted" in capsys.readouterr().err
+
+
+def test_segment_on_the_scan_the_model_was_fine_tuned_on_uses_its_painted_labels_by_itself(
+        tmp_path, tiny_vit_checkpoint, capsys):
+    """finetune records hashes of the scan and of its training slices' labels; `segment` on that same scan (no
+    --painted) then keeps and leans on the painted slices, and says so; on another scan, with --painted none, or
+    once the labels file changed or is gone, the model runs alone."""
+    image_path = tmp_path / "image.nrrd"
+    image = make_volume(image_path, size=(24, 20, 10))
+    labels = np.zeros(sitk.GetArrayFromImage(image).shape, np.uint8)
+    labels[3, 4:12, 4:16] = 1
+    labels[6, 4:12, 4:16] = 1
+    labels[6, 14:18, 2:6] = 2
+    painted = tmp_path / "painted.seg.nrrd"
+    write_seg_nrrd(painted, labels, image, ["disc", "edge"], [None, None])
+    model = tmp_path / "adapted.medsaga"
+    code = main(["finetune", "--image", str(image_path), "--labels", str(painted), "--base", "vit_b", "--checkpoint",
+                 str(tiny_vit_checkpoint), "--image-size", "224", "--steps", "1", "--method", "decoder",
+                 "--device", "cpu", "--feature-cache", "none", "--progress", "none", "-o", str(model)])
+    assert code == 0, capsys.readouterr().err
+    source = load_model(str(model)).metadata["training"]["painted_from"]
+    assert set(source) == {"labels", "image_sha256", "train_labels_sha256"}  # hashes and a path, no labels
+    capsys.readouterr()
+
+    def segment(out, *extra, on=image_path):
+        code = main(["segment", str(on), "--model", str(model), "-o", str(tmp_path / out), "--device", "cpu",
+                     "--backend", "torch", *extra])
+        err = capsys.readouterr().err
+        return code, err, (read_class_labels(tmp_path / out, image)[0] if code == 0 else None)
+
+    code, err, auto = segment("auto.seg.nrrd")
+    assert code == 0 and "fine-tuned on this scan: the slices painted in" in err and "2 painted slices were kept" in err
+    assert np.array_equal(auto[3], labels[3]) and np.array_equal(auto[6], labels[6])
+    code, err, explicit = segment("explicit.seg.nrrd", "--painted", str(painted))
+    assert code == 0 and np.array_equal(auto, explicit)
+    code, err, alone = segment("alone.seg.nrrd", "--painted", "none")
+    assert code == 0 and "painted" not in err and not np.array_equal(alone, auto)
+    other = tmp_path / "other.nrrd"
+    make_volume(other, size=(24, 20, 10), seed=1)  # the same grid, other voxels: another scan
+    code, err, _ = segment("other.seg.nrrd", on=other)
+    assert code == 0 and "painted" not in err
+    # an output may not replace the labels it would use
+    code, err, _ = segment("painted.seg.nrrd")
+    assert code != 0 and "labels this model was fine-tuned from" in err
+    assert np.array_equal(read_class_labels(painted, image)[0], labels)
+    # the training slices' labels changed since: not used, and said
+    changed = labels.copy()
+    changed[3, 4:6, 4:16] = 0
+    write_seg_nrrd(painted, changed, image, ["disc", "edge"], [None, None])
+    code, err, result = segment("changed.seg.nrrd")
+    assert code == 0 and "changed on its training slices" in err and np.array_equal(result, alone)
+    painted.unlink()
+    code, err, result = segment("gone.seg.nrrd")
+    assert code == 0 and "is gone" in err and np.array_equal(result, alone)

@@ -511,7 +511,7 @@ def start_segment(volume_node, segmentation_node, model_path, class_names, annot
     painted = write_painted(annotations, class_names, volume_node, os.path.join(workdir, "painted.nrrd"))
     args = segment_argv(image, model_path, os.path.join(workdir, "result.seg.nrrd"), labelmap=labelmap,
                         axis=annotations.axis, slices=slices, device=device,  # threads: the job's environment
-                        painted=painted)
+                        painted=painted or "none")  # none drawn: not the file the model was fine-tuned from
     job = Job("MedSAGaLib.cli", args, workdir, env=env, threads=threads, grace=2.0, python=python)
     return BoundJob(job, "segment", volume_node, segmentation_node, masking=masking, labelmap=labelmap,
                     class_names=list(class_names), axis=annotations.axis, annotated=list(annotations.slices),
