@@ -96,8 +96,9 @@ WINDOW = Option(("--window",), "window", "intensity window CENTRE,WIDTH or a CT 
 BACKEND = Option(("--backend",), "backend", "inference runtime: auto (default: OpenVINO on a CPU when installed and "
                  "the export pays off, else PyTorch), torch, openvino", choices=("auto", "torch", "openvino"),
                  default="auto")
-TTA = Option(("--tta",), "tta", "test-time mirroring: average each slice with its left-right mirror image "
-              "(default auto: when the model was trained with mirroring, see finetune --mirror; costs a second "
+TTA = Option(("--tta",), "tta", "test-time mirroring: average each slice with its left-right mirror image, "
+              "left/right classes swapped (default auto: when the model was trained with mirroring, see "
+              "finetune --mirror; costs a second "
               "encoder pass per slice)", choices=SWITCHES, default="auto")
 INFERENCE_PRECISION = Option(
     ("--inference-precision",), "inference_precision", "auto (default): bf16 where OpenVINO runs an adapted model on a "
@@ -142,7 +143,8 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
            f"resolution (default {_DEFAULTS.crop}: when they fill less than half of the slice)",
            choices=SWITCHES, default=_DEFAULTS.crop),
     Option(("--mirror",), "mirror", "left-right mirroring in the augmentation (default auto: only when every "
-           "painted class lies on both sides of the middle, so no 'left' structure is shown on the right)",
+           "painted class lies on both sides of the middle or has its left/right partner by name on the other "
+           "side, which a mirrored copy swaps it with, so no 'left' structure is shown as 'left' on the right)",
            choices=SWITCHES, default=_DEFAULTS.mirror),
     Option(("--class-weighting",), "class_weighting", f"class weights of the loss (default {_DEFAULTS.class_weighting})",
            choices=("none", "balanced"), default=_DEFAULTS.class_weighting),

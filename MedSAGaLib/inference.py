@@ -10,6 +10,7 @@ import torch
 
 from .backends import INFERENCE_PRECISIONS, make_runner
 from .head import ClassSegmenter
+from .laterality import mirror_partners
 from .models import BaseSam
 from .preprocess import SliceTransform
 from .slices import bounding_box, get_slice, slice_view  # noqa: F401 (bounding_box re-exported)
@@ -85,29 +86,36 @@ def mirror_averaging(segmenter, setting: str = "auto") -> bool:
     return training.get("mirrored") is True
 
 
-def mirror_averaged(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+def mirror_averaged(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                    swap: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Class probabilities of ``images`` [B, C, H, W], averaged with those of their left-right mirror images
     (mirrored back). The flip is along the last axis of the whole tensor, padding included, as the training
-    augmentation flips a model-size slice (``training.data.build_augmentation``)."""
-    return (forward(images).float().softmax(1) + forward(images.flip(-1)).float().softmax(1).flip(-1)) / 2
+    augmentation flips a model-size slice (``training.data.build_augmentation``). ``swap``: a lookup over the
+    classes (:func:`MedSAGaLib.laterality.mirror_partners`): the mirror image's "left" class is the slice's
+    right one, so its channels are exchanged before averaging."""
+    mirrored = forward(images.flip(-1)).float().softmax(1).flip(-1)
+    if swap is not None:
+        mirrored = mirrored[:, list(swap)]
+    return (forward(images).float().softmax(1) + mirrored) / 2
 
 
 @torch.inference_mode()
 def slice_probabilities(
     segmenter: ClassSegmenter, slices01: Sequence[np.ndarray], device: torch.device | str = "cpu",
-    mirror: bool = False,
+    mirror: bool = False, swap: Optional[Sequence[int]] = None,
 ) -> list[torch.Tensor]:
     """2-D slices -> k+1-class probabilities [k+1, H, W] on each slice's own grid (0 = background).
 
     ``segmenter`` is a k-class segmenter or a runner of one (:func:`MedSAGaLib.backends.make_runner`).
     A model fine-tuned on a region of interest (``segmenter.roi``) sees only that box of each slice;
     the rest of the slice is background. ``mirror``: the probabilities are the mean of the slice's and
-    of its left-right mirror image's (mirrored back), as the model saw in training (:func:`mirror_averaging`).
+    of its left-right mirror image's (mirrored back), as the model saw in training (:func:`mirror_averaging`),
+    with the left and right classes exchanged by ``swap`` (:func:`mirror_averaged`).
     """
     roi = getattr(segmenter, "roi", None)
     if roi is not None:
         crops = [roi.crop(s) for s in slices01]
-        inside = slice_probabilities(_without_roi(segmenter), crops, device, mirror)
+        inside = slice_probabilities(_without_roi(segmenter), crops, device, mirror, swap)
         pasted = []
         for probabilities in inside:
             whole = torch.zeros((probabilities.shape[0],) + tuple(roi.slice_shape), dtype=probabilities.dtype)
@@ -118,7 +126,7 @@ def slice_probabilities(
     transform = SliceTransform(segmenter.image_size)
     images = torch.stack([transform.to_model(s) for s in slices01]).to(device)
     if mirror:  # averaged probabilities, resized
-        scores = mirror_averaged(segmenter, images).cpu()
+        scores = mirror_averaged(segmenter, images, swap).cpu()
         return [transform.from_model(scores[n], s.shape) for n, s in enumerate(slices01)]
     scores = segmenter(images).float().cpu()  # logits resized, then softmax: the argmax of the resized logits
     return [transform.from_model(scores[n], s.shape).softmax(0) for n, s in enumerate(slices01)]
@@ -126,11 +134,12 @@ def slice_probabilities(
 
 def predict_slices(
     segmenter: ClassSegmenter, slices01: Sequence[np.ndarray], device: torch.device | str = "cpu",
-    mirror: bool = False,
+    mirror: bool = False, swap: Optional[Sequence[int]] = None,
 ) -> list[np.ndarray]:
     """k+1-class probabilities (:func:`slice_probabilities`) are fused by argmax: 2-D slices -> label maps
     (0 = background)."""
-    return [p.argmax(0).numpy().astype(np.uint8) for p in slice_probabilities(segmenter, slices01, device, mirror)]
+    return [p.argmax(0).numpy().astype(np.uint8)
+            for p in slice_probabilities(segmenter, slices01, device, mirror, swap)]
 
 
 class _without_roi:
@@ -204,6 +213,7 @@ def segment_volume(
     batch_size = batch_size or default_batch_size(device)
     indices = list(range(array01.shape[axis])) if slices is None else list(slices)
     mirrored = mirror_averaging(segmenter, tta)
+    swap = mirror_partners(getattr(segmenter, "class_names", None)) if mirrored else None  # left and right, as trained
     if precision not in INFERENCE_PRECISIONS:
         raise ValueError(f"Unknown --inference-precision {precision!r}; choose {', '.join(INFERENCE_PRECISIONS)}.")
     calibration = calibration_images(segmenter, array01, axis, indices) if precision == "int8" else None
@@ -219,7 +229,8 @@ def segment_volume(
             raise ValueError(f"The painted labels have {painted.num_classes} classes, the model {segmenter.num_classes}.")
     labels = np.zeros(array01.shape, dtype=np.uint8)
     for batch in _progress_iter(_batches(indices, batch_size), len(indices), progress, "Segmenting"):
-        probabilities = slice_probabilities(runner, [get_slice(array01, axis, i) for i in batch], device, mirrored)
+        probabilities = slice_probabilities(runner, [get_slice(array01, axis, i) for i in batch], device, mirrored,
+                                            swap)
         for index, scores in zip(batch, probabilities):
             if painted is not None:
                 scores = torch.from_numpy(painted.blend(scores.numpy(), index))

@@ -133,6 +133,38 @@ def test_test_time_mirroring_averages_both_views_of_a_model_trained_with_them(ti
     assert not segment_file(image, segmenter, tmp_path / "b.seg.nrrd", backend="torch", tta="off").notes
 
 
+def test_test_time_mirroring_swaps_the_classes_named_left_and_right():
+    from MedSAGaLib.inference import mirror_averaged
+    from MedSAGaLib.laterality import mirror_partners
+
+    def side_aware(images):  # a perfect model of "left" and "right": class 1 on the left half, 2 on the right
+        logits = torch.full((images.shape[0], 3) + tuple(images.shape[-2:]), -10.0)
+        half = images.shape[-1] // 2
+        logits[..., :half][:, 1] = 10.0
+        logits[..., half:][:, 2] = 10.0
+        return logits
+
+    images = torch.rand(2, 3, 8, 8)
+    swap = mirror_partners(["putamen_left", "putamen_right"])
+    assert swap == [0, 2, 1]
+    alone = side_aware(images).softmax(1)
+    assert torch.allclose(mirror_averaged(side_aware, images, swap), alone)  # both views agree once swapped
+    unswapped = mirror_averaged(side_aware, images)  # without the swap, each side is half the other's
+    assert torch.allclose(unswapped[:, 1], torch.full_like(unswapped[:, 1], 0.5), atol=1e-3)
+
+
+def test_left_right_partners_are_read_from_the_class_names():
+    from MedSAGaLib.laterality import mirror_partners, partner_name, swapped_pairs
+
+    assert [partner_name(n) for n in ("caudate_left", "Left-Caudate", "Caudate_L", "lh.insula", "LT kidney")] == [
+        "caudate_right", "Right-Caudate", "Caudate_R", "rh.insula", "RT kidney"]
+    assert partner_name("lateral ventricle") is None and partner_name("left_right") is None
+    names = ["Putamen_L", "liver", "Putamen_R", "L1", "kidney left", "Kidney Right", "spleen_left"]
+    lookup = mirror_partners(names)
+    assert swapped_pairs(lookup) == [(1, 3), (5, 6)]  # L1 has no R1 and spleen_left no partner: themselves
+    assert mirror_partners(None) == [0] and mirror_partners(["a_left", "a_left"]) == [0, 1, 2]
+
+
 def test_litemedsam_head_builds_from_the_pretrained_decoder(tmp_path):
     base = build_base_model("litemedsam")
     segmenter = ClassSegmenter.from_base(base, ["gm", "wm"])

@@ -536,12 +536,46 @@ def test_augmentation_never_mirrors_left_and_right_unless_asked():
     assert _mirrored_copies(build_augmentation(0, mirror=True), image, labels) > 0
 
 
-def test_choose_mirror_only_when_every_class_lies_on_both_sides():
+def test_mirrored_copies_swap_the_classes_named_left_and_right():
+    image, labels = _left_right_phantom()
+    brighter = image.clone()
+    brighter[:, 20:44, 8:24] = 1.0  # the left structure is the brighter one: it tells which side a copy shows
+    brighter[:, 20:44, 40:56] = 0.25
+    transform = build_augmentation(0, mirror=True, swap=[0, 2, 1])
+    flipped = 0
+    for _ in range(20):
+        img, lab = augment(transform, brighter, labels)
+        # a mirrored copy shows the bright (left) structure on the right, and there it is the "right" class:
+        # class 1 stays left of class 2 in every copy, as in every real slice
+        columns = torch.arange(lab.shape[1]).float()
+        assert columns[(lab == 1).any(0)].mean() < columns[(lab == 2).any(0)].mean()
+        flipped += bool(columns[(img[0] > 0.75).any(0)].mean() > 32)
+    assert 0 < flipped < 20  # p = 0.5 in 20 draws
+
+
+def test_finetune_mirrors_left_and_right_classes_with_the_swap_and_says_so(tiny_vit_checkpoint):
+    images, labels = phantom_slices(2)  # class 1 on the left, class 2 on the right
+    for names, mirrored in ((["putamen_left", "putamen_right"], True), (["bright", "dim"], False)):
+        seg = load_model("vit_b", class_names=names, checkpoint=tiny_vit_checkpoint, image_size=224)
+        result = finetune(seg, images, labels, quick(method="decoder", steps=1, crop="off"))
+        assert result.mirrored is mirrored and result.metadata()["mirrored"] is mirrored
+        said = " ".join(result.decisions)
+        assert ("swapping putamen_left / putamen_right" in said) is mirrored and ("no mirroring" in said) is not mirrored
+
+
+def test_choose_mirror_only_when_every_class_lies_on_both_sides_or_has_its_partner_on_the_other():
     from MedSAGaLib.training.data import choose_mirror
 
     _, lateral = _left_right_phantom()  # class 1 on the left, class 2 on the right: "left" and "right" structures
+    mirror, why = choose_mirror([lateral.numpy()] * 2, class_names=["lesion", "cyst"])
+    assert not mirror and "lesion, cyst painted on one side only" in why
+    # named as each other's other side: a mirrored copy swaps them, so it is still true
     mirror, why = choose_mirror([lateral.numpy()] * 2, class_names=["caudate_left", "caudate_right"])
-    assert not mirror and "caudate_left, caudate_right painted on one side only" in why
+    assert mirror and "swapping caudate_left / caudate_right" in why
+    # ... but not when the partner lies on the same side (sagittal slices: left and right never face each other)
+    same_side = np.zeros((64, 64), np.uint8)
+    same_side[20:44, 8:16], same_side[20:44, 18:26], same_side[50:60, 4:60] = 1, 2, 3
+    assert choose_mirror([same_side], class_names=["caudate_left", "caudate_right", "cortex"])[0] is False
     merged = (lateral > 0).long().numpy()  # both sides as one class: a mirrored slice is still true
     assert choose_mirror([merged, merged]) == (True, choose_mirror([merged])[1]) and choose_mirror([merged])[0]
     # one lateral class among bilateral ones turns it off

@@ -124,20 +124,23 @@ def predict(segmenter, slices01: list[np.ndarray], mirror: bool = False) -> np.n
     a model trained with mirroring (``inference.mirror_averaging``)."""
     from ..fastpath import inference_copy
     from ..inference import predict_slices
+    from ..laterality import mirror_partners
 
     fast = inference_copy(segmenter.eval())
+    swap = mirror_partners(segmenter.class_names) if mirror else None  # as segment_volume does
     out = []
     for i in range(0, len(slices01), 4):
-        out.extend(predict_slices(fast, slices01[i : i + 4], mirror=mirror))
+        out.extend(predict_slices(fast, slices01[i : i + 4], mirror=mirror, swap=swap))
     return np.stack(out)
 
 
 def train_unet(train_images, train_labels, num_classes: int, steps: int, image_size: int, seed: int,
                batch_size: int = 2, lr: float = 1e-3, time_budget: Optional[float] = None,
-               mirror: Optional[bool] = None):
+               mirror: Optional[bool] = None, class_names: Optional[list[str]] = None):
     """A MONAI U-Net from scratch on the same slices (same augmentation and input size as SAM).
 
-    ``mirror``: left-right mirroring in the augmentation; None decides as the product does (``choose_mirror``).
+    ``mirror``: left-right mirroring in the augmentation; None decides as the product does (``choose_mirror``),
+    and a mirrored copy exchanges the classes named as left and right of each other (``class_names``).
     With ``time_budget`` (seconds) the first steps are timed and ``steps`` becomes at most what fits in
     the budget, as the product's own fine-tuning plans its steps, so both get the same wall-clock.
     """
@@ -145,6 +148,7 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
 
+    from ..laterality import mirror_partners
     from ..training.data import BatchSampler, FewShotSlices, augment, build_augmentation, choose_mirror
 
     torch.manual_seed(seed)
@@ -152,8 +156,8 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
                strides=(2, 2, 2, 2), num_res_units=2)
     data = FewShotSlices(train_images, train_labels, image_size)
     if mirror is None:
-        mirror = choose_mirror(train_labels)[0]
-    transform = build_augmentation(seed, mirror=mirror)
+        mirror = choose_mirror(train_labels, class_names=class_names)[0]
+    transform = build_augmentation(seed, mirror=mirror, swap=mirror_partners(class_names))
     sampler = BatchSampler(len(data), batch_size, seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.8, lambda_ce=0.2, batch=True)
@@ -180,9 +184,10 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
     return net, losses
 
 
-def unet_probabilities(net, slices01: list[np.ndarray], image_size: int, mirror: bool = False) -> list[np.ndarray]:
-    """Class probabilities [k+1, H, W] of each slice. ``mirror``: averaged with the mirror images, as MedSAGa's
-    own prediction of a model trained with them."""
+def unet_probabilities(net, slices01: list[np.ndarray], image_size: int, mirror: bool = False,
+                       swap: Optional[list[int]] = None) -> list[np.ndarray]:
+    """Class probabilities [k+1, H, W] of each slice. ``mirror``: averaged with the mirror images (their left
+    and right classes exchanged by ``swap``), as MedSAGa's own prediction of a model trained with them."""
     import torch
 
     from ..inference import mirror_averaged
@@ -194,44 +199,49 @@ def unet_probabilities(net, slices01: list[np.ndarray], image_size: int, mirror:
         for s in slices01:
             x = tf.to_model(s)[None, :1]
             if mirror:
-                out.append(tf.from_model(mirror_averaged(net, x)[0], s.shape).numpy())
+                out.append(tf.from_model(mirror_averaged(net, x, swap)[0], s.shape).numpy())
             else:  # resized logits, then softmax: the argmax of the resized logits
                 out.append(tf.from_model(net(x)[0], s.shape).softmax(0).numpy())
     return out
 
 
-def predict_unet(net, slices01: list[np.ndarray], image_size: int, mirror: bool = False) -> np.ndarray:
+def predict_unet(net, slices01: list[np.ndarray], image_size: int, mirror: bool = False,
+                 swap: Optional[list[int]] = None) -> np.ndarray:
     """Label maps of :func:`unet_probabilities`."""
-    return np.stack([p.argmax(0).astype(np.uint8) for p in unet_probabilities(net, slices01, image_size, mirror)])
+    return np.stack([p.argmax(0).astype(np.uint8)
+                     for p in unet_probabilities(net, slices01, image_size, mirror, swap)])
 
 
 def unet_baseline(train_images, train_labels, test_images, num_classes: int, steps: int, seed: int,
                   lr: float = 1e-3, crop: str = "auto", time_budget: Optional[float] = None,
-                  probabilities: bool = False):
+                  probabilities: bool = False, class_names: Optional[list[str]] = None):
     """(test label maps, the crop box or None, losses) of a U-Net from scratch on the training slices.
 
     The U-Net gets the crop the SAM methods' ``crop`` mode picks from the same training labels, so
     both see the same pixels; its predictions are pasted back into whole slices. ``probabilities``:
-    class probabilities [N, k+1, H, W] instead of label maps (background outside the crop).
+    class probabilities [N, k+1, H, W] instead of label maps (background outside the crop). ``class_names``:
+    mirroring is decided from them too, as the product does (left and right classes exchanged).
     """
+    from ..laterality import mirror_partners
     from ..roi import choose_roi
     from ..training.data import choose_mirror
 
     roi, _ = choose_roi(train_labels, crop)
     cut = roi.crop if roi is not None else (lambda x: x)
     labels = [cut(x) for x in train_labels]
-    mirrored = choose_mirror(labels)[0]  # as the product decides; trained and predicted alike
+    mirrored = choose_mirror(labels, class_names=class_names)[0]  # as the product decides; trained and predicted alike
+    swap = mirror_partners(class_names) if mirrored else None
     net, losses = train_unet([cut(x) for x in train_images], labels, num_classes, steps, 256, seed, lr=lr,
-                             time_budget=time_budget, mirror=mirrored)
+                             time_budget=time_budget, mirror=mirrored, class_names=class_names)
     if probabilities:
-        inside = unet_probabilities(net, [cut(x) for x in test_images], 256, mirror=mirrored)
+        inside = unet_probabilities(net, [cut(x) for x in test_images], 256, mirror=mirrored, swap=swap)
         if roi is None:
             return np.stack(inside), roi, losses
         whole = np.zeros((len(inside), num_classes + 1) + tuple(np.shape(test_images[0])), np.float32)
         whole[:, 0] = 1.0
         whole[:, :, roi.y0 : roi.y1, roi.x0 : roi.x1] = np.stack(inside)
         return whole, roi, losses
-    pred = predict_unet(net, [cut(x) for x in test_images], 256, mirror=mirrored)
+    pred = predict_unet(net, [cut(x) for x in test_images], 256, mirror=mirrored, swap=swap)
     if roi is not None:
         pred = np.stack([roi.paste(p) for p in pred])
     return pred, roi, losses
@@ -511,7 +521,7 @@ def run_task(args, task: str) -> dict:
             if args.unet_steps > 0 and not done("unet", shots, seed):
                 t0 = time.perf_counter()
                 pred, roi, losses = unet_baseline(images, labs, test_images, len(names), args.unet_steps, seed,
-                                                  lr=args.unet_lr, crop=args.crop)
+                                                  lr=args.unet_lr, crop=args.crop, class_names=names)
                 s = score(pred, test_ref, spacing2d, names)
                 payload["runs"].append(dict(method="unet", shots=shots, seed=seed, lr=args.unet_lr, train_slices=train_idx,
                                             roi=roi.to_dict() if roi is not None else None,

@@ -10,11 +10,13 @@ features are computed once; steps then sample from that pool.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..laterality import mirror_partners, swapped_pairs
 from ..preprocess import SliceTransform
 from .config import SWITCHES, TrainingError
 
@@ -28,10 +30,12 @@ def choose_mirror(labels: Sequence[np.ndarray], setting: str = "auto",
     """Whether training may mirror slices left-right, and why (a sentence for the run's decisions).
 
     ``"auto"`` mirrors only when every painted class lies on both sides of the middle of the painted
-    structures (caudate left and right as one class; grey matter): then a mirrored slice is still
-    labelled truly. A class painted on one side only (a "left" structure, or a single lesion) turns it
-    off. Measured on colin27_aal_lr, where each class is one side's structure: mirroring taught "left"
-    on both sides (docs/results/NOTES.md, "Realistic tasks").
+    structures (caudate left and right as one class; grey matter), or lies on one side and its partner
+    by name on the other (``caudate_left`` / ``caudate_right``; :mod:`MedSAGaLib.laterality`), which a
+    mirrored copy then swaps (:func:`build_augmentation`'s ``swap``): either way a mirrored slice is
+    still labelled truly. A class painted on one side only without such a partner (a single lesion)
+    turns it off. Measured on colin27_aal_lr, where each class is one side's structure: mirroring
+    without the swap taught "left" on both sides (docs/results/NOTES.md, "Realistic tasks").
     """
     if setting not in SWITCHES:
         raise TrainingError(f"Unknown --mirror {setting!r}; choose {', '.join(SWITCHES)}.")
@@ -46,24 +50,36 @@ def choose_mirror(labels: Sequence[np.ndarray], setting: str = "auto",
         return False, "no mirroring: nothing painted"
     middle = (columns[0] + columns[-1]) / 2.0
     col = np.arange(stack.shape[2])
-    one_sided = []
+    side = {}  # value -> -1 (before the middle), +1 (after it) or 0 (both sides)
     for value in np.unique(stack[stack > 0]).tolist():
         per_column = np.count_nonzero(stack == value, axis=(0, 1))
         left, right = per_column[col < middle].sum(), per_column[col > middle].sum()
-        if min(left, right) < MIRROR_MIN_SIDE_SHARE * max(1, left + right):
-            one_sided.append(value)
+        side[value] = 0 if min(left, right) >= MIRROR_MIN_SIDE_SHARE * max(1, left + right) else (-1 if left > right else 1)
+    partners = mirror_partners(class_names)
+    # a one-sided class is still true when mirrored if its partner by name lies on the other side
+    one_sided = [v for v, s in side.items()
+                 if s != 0 and not (v < len(partners) and partners[v] != v and side.get(partners[v]) == -s)]
+    name = lambda v: class_names[v - 1] if class_names and v <= len(class_names) else f"label {v}"  # noqa: E731
     if one_sided:
-        names = [class_names[v - 1] if class_names and v <= len(class_names) else f"label {v}" for v in one_sided]
+        names = [name(v) for v in one_sided]
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         return False, (f"no mirroring: {shown} painted on one side only, and a mirrored slice would show "
                        f"{'it' if len(names) == 1 else 'them'} on the other (--mirror on to force it)")
+    pairs = [(a, b) for a, b in swapped_pairs(partners) if side.get(a, 0) != 0]
+    if pairs:
+        shown = ", ".join(f"{name(a)} / {name(b)}" for a, b in pairs[:3]) + (
+            f" and {len(pairs) - 3} more pairs" if len(pairs) > 3 else "")
+        return True, (f"mirroring left-right, swapping {shown} in a mirrored slice: every class lies on both sides "
+                      "of the middle or has its partner by name on the other side")
     return True, "mirroring left-right: every class is painted on both sides of the middle"
 
 
-def build_augmentation(seed: int = 0, mirror: bool = False):
+def build_augmentation(seed: int = 0, mirror: bool = False, swap: Optional[Sequence[int]] = None):
     """MONAI dictionary transforms for ``{"image": [3,S,S] in [0,1], "label": [1,S,S]}``.
 
-    ``mirror``: also flip left-right half the time (only where :func:`choose_mirror` allows it).
+    ``mirror``: also flip left-right half the time (only where :func:`choose_mirror` allows it); ``swap``:
+    the label lookup a flipped copy gets (:func:`MedSAGaLib.laterality.mirror_partners`: left and right
+    classes exchanged), None or the identity for none.
     """
     from monai.transforms import (
         Compose,
@@ -74,7 +90,10 @@ def build_augmentation(seed: int = 0, mirror: bool = False):
         RandShiftIntensityd,
     )
 
-    flips = [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=1)] if mirror else []
+    if mirror and swap is not None and list(swap) != list(range(len(swap))):
+        flips = [RandMirrorSwapd(swap, prob=0.5)]
+    else:
+        flips = [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=1)] if mirror else []
     transform = Compose(
         flips + [
             RandAffined(
@@ -93,6 +112,38 @@ def build_augmentation(seed: int = 0, mirror: bool = False):
     )
     transform.set_random_state(seed=seed)
     return transform
+
+
+@functools.cache
+def _mirror_swap_transform():
+    """:class:`RandMirrorSwapd`'s class, made on first use (MONAI is imported only when augmenting)."""
+    from monai.transforms import MapTransform, RandomizableTransform
+
+    class RandMirrorSwapd(RandomizableTransform, MapTransform):
+        """Flip ``image`` and ``label`` left-right (the last axis) with probability ``prob``, and exchange
+        the left and right classes of a flipped label by ``swap`` (a lookup over the label values)."""
+
+        def __init__(self, swap: Sequence[int], prob: float = 0.5) -> None:
+            RandomizableTransform.__init__(self, prob)
+            MapTransform.__init__(self, ("image", "label"))
+            self.swap = torch.as_tensor(list(swap), dtype=torch.long)
+
+        def __call__(self, data):
+            self.randomize(None)
+            if not self._do_transform:
+                return data
+            out = dict(data)
+            out["image"] = torch.as_tensor(data["image"]).flip(-1)
+            label = torch.as_tensor(data["label"]).flip(-1)
+            out["label"] = self.swap[label.round().long()].to(label.dtype)
+            return out
+
+    return RandMirrorSwapd
+
+
+def RandMirrorSwapd(swap: Sequence[int], prob: float = 0.5):  # noqa: N802 (a MONAI-style transform's name)
+    """A MONAI dictionary transform: left-right flip of image and label with the classes swapped by ``swap``."""
+    return _mirror_swap_transform()(swap, prob)
 
 
 def augment(transform, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,9 +192,10 @@ class FewShotSlices:
     def __len__(self) -> int:
         return len(self.images)
 
-    def augmented_pool(self, copies: int, augment_enabled: bool, seed: int = 0, mirror: bool = False):
+    def augmented_pool(self, copies: int, augment_enabled: bool, seed: int = 0, mirror: bool = False,
+                       swap: Optional[Sequence[int]] = None):
         """``copies`` versions of every slice (the first unaugmented): lists of images and labels."""
-        transform = build_augmentation(seed, mirror) if augment_enabled and copies > 1 else None
+        transform = build_augmentation(seed, mirror, swap) if augment_enabled and copies > 1 else None
         images, labels = [], []
         for img, lab in zip(self.images, self.labels):
             images.append(img)

@@ -31,6 +31,7 @@ from .budget import LATE_REPLAN_STEPS, PROBE_STEPS, REPLAN_STEPS, StepBudget
 from .config import FinetuneConfig, TrainingError
 from .diagnosis import stuck_classes, thinly_painted_classes
 from .distributed import DistributedTraining
+from ..laterality import mirror_partners
 from .data import (BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, choose_mirror,
                    select_validation)
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
@@ -313,7 +314,10 @@ class Trainer:
             self.val_images = [roi.crop(x) for x in self.val_images]
             self.val_labels = [roi.crop(x) for x in self.val_labels]
         self.images01, self.labels = images01, labels
-        self.mirror, why = choose_mirror(labels, config.mirror, getattr(segmenter, "class_names", None))
+        class_names = getattr(segmenter, "class_names", None)
+        self.mirror, why = choose_mirror(labels, config.mirror, class_names)
+        # a mirrored copy exchanges the classes named as each other's other side (caudate_left / caudate_right)
+        self.swap = mirror_partners(class_names) if self.mirror else None
         if config.augment:
             self.result.decisions.append(why)
         self.result.mirrored = bool(self.mirror and config.augment)
@@ -507,10 +511,10 @@ class Trainer:
         if split.whole:
             self.pool_images, self.pool_labels = train.images, train.labels
             self.pool_feats = None
-            self.online = build_augmentation(config.seed, self.mirror) if config.augment else None
+            self.online = build_augmentation(config.seed, self.mirror, self.swap) if config.augment else None
         else:
             self.pool_images, self.pool_labels = train.augmented_pool(config.augment_copies, config.augment, config.seed,
-                                                                      self.mirror)
+                                                                      self.mirror, self.swap)
             self.pool_feats = self.prefix_features(self.pool_images, "prepare")
         timings = self.result.timings
         timings["prepare_slices"] = len(self.pool_images)

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         span = list(range(min(test + painted), max(test + painted) + 1))  # every slice, for the 3-D pieces
         probs, roi, losses = unet_baseline([slices01[z] for z in painted], [ref[z] for z in painted],
                                            [slices01[z] for z in span], len(names), args.unet_max_steps, args.seed,
-                                           time_budget=args.unet_budget, probabilities=True)
+                                           time_budget=args.unet_budget, probabilities=True, class_names=names)
         at = {z: i for i, z in enumerate(span)}
         report("unet", np.stack([probs[at[z]].argmax(0) for z in test]).astype(np.uint8), steps=len(losses),
                seconds=round(time.perf_counter() - t0), final_loss=round(losses[-1], 3),
