@@ -10,11 +10,11 @@ features are computed once; steps then sample from that pool.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from monai.transforms import MapTransform, RandomizableTransform
 
 from ..laterality import mirror_partners, swapped_pairs
 from ..preprocess import SliceTransform
@@ -59,7 +59,10 @@ def choose_mirror(labels: Sequence[np.ndarray], setting: str = "auto",
     # a one-sided class is still true when mirrored if its partner by name lies on the other side
     one_sided = [v for v, s in side.items()
                  if s != 0 and not (v < len(partners) and partners[v] != v and side.get(partners[v]) == -s)]
-    name = lambda v: class_names[v - 1] if class_names and v <= len(class_names) else f"label {v}"  # noqa: E731
+
+    def name(v: int) -> str:
+        return class_names[v - 1] if class_names and v <= len(class_names) else f"label {v}"
+
     if one_sided:
         names = [name(v) for v in one_sided]
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
@@ -114,36 +117,24 @@ def build_augmentation(seed: int = 0, mirror: bool = False, swap: Optional[Seque
     return transform
 
 
-@functools.cache
-def _mirror_swap_transform():
-    """:class:`RandMirrorSwapd`'s class, made on first use (MONAI is imported only when augmenting)."""
-    from monai.transforms import MapTransform, RandomizableTransform
+class RandMirrorSwapd(RandomizableTransform, MapTransform):
+    """Flip ``image`` and ``label`` left-right (the last axis) with probability ``prob``, and exchange the
+    left and right classes of a flipped label by ``swap`` (a lookup over the label values)."""
 
-    class RandMirrorSwapd(RandomizableTransform, MapTransform):
-        """Flip ``image`` and ``label`` left-right (the last axis) with probability ``prob``, and exchange
-        the left and right classes of a flipped label by ``swap`` (a lookup over the label values)."""
+    def __init__(self, swap: Sequence[int], prob: float = 0.5) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, ("image", "label"))
+        self.swap = torch.as_tensor(list(swap), dtype=torch.long)
 
-        def __init__(self, swap: Sequence[int], prob: float = 0.5) -> None:
-            RandomizableTransform.__init__(self, prob)
-            MapTransform.__init__(self, ("image", "label"))
-            self.swap = torch.as_tensor(list(swap), dtype=torch.long)
-
-        def __call__(self, data):
-            self.randomize(None)
-            if not self._do_transform:
-                return data
-            out = dict(data)
-            out["image"] = torch.as_tensor(data["image"]).flip(-1)
-            label = torch.as_tensor(data["label"]).flip(-1)
-            out["label"] = self.swap[label.round().long()].to(label.dtype)
-            return out
-
-    return RandMirrorSwapd
-
-
-def RandMirrorSwapd(swap: Sequence[int], prob: float = 0.5):  # noqa: N802 (a MONAI-style transform's name)
-    """A MONAI dictionary transform: left-right flip of image and label with the classes swapped by ``swap``."""
-    return _mirror_swap_transform()(swap, prob)
+    def __call__(self, data):
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        out = dict(data)
+        out["image"] = torch.as_tensor(data["image"]).flip(-1)
+        label = torch.as_tensor(data["label"]).flip(-1)
+        out["label"] = self.swap[label.round().long()].to(label.dtype)
+        return out
 
 
 def augment(transform, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
