@@ -556,15 +556,13 @@ def segment_file(
         ran: dict = {}
         if painted == "auto":
             hint, note = own_painted(meta, sitk_image, array, axis_index, segmenter.class_names, (output, labelmap))
-            notes.extend([note] if note and hint is None else [])
+            notes.extend([note] if note else [])
         else:
             hint = read_painted(painted, sitk_image, axis_index, segmenter.class_names) if painted else None
         labels = segment_volume(segmenter, array01, axis_index, chosen, batch_size, torch_device,
                                 progress=_segment_progress(progress), backend=backend, cache_dir=_export_cache(model),
                                 tta=tta, precision=precision, ran=ran, painted=hint)
         if hint is not None:
-            if painted == "auto":
-                notes.append(note)
             notes.append(_painted_note(hint, ran.get("removed") or {}, segmenter.class_names))
         if precision == "auto" and ran.get("precision") == "bf16":
             notes.append("the model ran in OpenVINO at bf16, as this CPU has bf16 units (labels agree with f32 on "

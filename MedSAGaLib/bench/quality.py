@@ -157,7 +157,7 @@ def train_unet(train_images, train_labels, num_classes: int, steps: int, image_s
     data = FewShotSlices(train_images, train_labels, image_size)
     if mirror is None:
         mirror = choose_mirror(train_labels, class_names=class_names)[0]
-    transform = build_augmentation(seed, mirror=mirror, swap=mirror_partners(class_names))
+    transform = build_augmentation(seed, mirror=mirror, swap=mirror_partners(class_names) if class_names else None)
     sampler = BatchSampler(len(data), batch_size, seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.8, lambda_ce=0.2, batch=True)

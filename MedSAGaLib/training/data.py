@@ -88,15 +88,11 @@ def build_augmentation(seed: int = 0, mirror: bool = False, swap: Optional[Seque
         Compose,
         RandAdjustContrastd,
         RandAffined,
-        RandFlipd,
         RandScaleIntensityd,
         RandShiftIntensityd,
     )
 
-    if mirror and swap is not None and list(swap) != list(range(len(swap))):
-        flips = [RandMirrorSwapd(swap, prob=0.5)]
-    else:
-        flips = [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=1)] if mirror else []
+    flips = [RandMirrorSwapd(swap, prob=0.5)] if mirror else []
     transform = Compose(
         flips + [
             RandAffined(
@@ -119,12 +115,13 @@ def build_augmentation(seed: int = 0, mirror: bool = False, swap: Optional[Seque
 
 class RandMirrorSwapd(RandomizableTransform, MapTransform):
     """Flip ``image`` and ``label`` left-right (the last axis) with probability ``prob``, and exchange the
-    left and right classes of a flipped label by ``swap`` (a lookup over the label values)."""
+    left and right classes of a flipped label by ``swap`` (a lookup over the label values; None: no
+    exchange, MONAI's ``RandFlipd`` with the same draws)."""
 
-    def __init__(self, swap: Sequence[int], prob: float = 0.5) -> None:
+    def __init__(self, swap: Optional[Sequence[int]] = None, prob: float = 0.5) -> None:
         RandomizableTransform.__init__(self, prob)
         MapTransform.__init__(self, ("image", "label"))
-        self.swap = torch.as_tensor(list(swap), dtype=torch.long)
+        self.swap = None if swap is None else torch.as_tensor(list(swap), dtype=torch.long)
 
     def __call__(self, data):
         self.randomize(None)
@@ -133,7 +130,7 @@ class RandMirrorSwapd(RandomizableTransform, MapTransform):
         out = dict(data)
         out["image"] = torch.as_tensor(data["image"]).flip(-1)
         label = torch.as_tensor(data["label"]).flip(-1)
-        out["label"] = self.swap[label.round().long()].to(label.dtype)
+        out["label"] = label if self.swap is None else self.swap[label.round().long()].to(label.dtype)
         return out
 
 

@@ -317,7 +317,7 @@ class Trainer:
         class_names = getattr(segmenter, "class_names", None)
         self.mirror, why = choose_mirror(labels, config.mirror, class_names)
         # a mirrored copy exchanges the classes named as each other's other side (caudate_left / caudate_right)
-        self.swap = mirror_partners(class_names) if self.mirror else None
+        self.swap = mirror_partners(class_names) if self.mirror and class_names else None
         if config.augment:
             self.result.decisions.append(why)
         self.result.mirrored = bool(self.mirror and config.augment)
