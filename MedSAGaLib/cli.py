@@ -78,6 +78,10 @@ def run_info(args) -> int:
     print(f"  preprocessing  : {json.dumps(meta.get('preprocessing'))}")
     if meta.get("axis"):
         print(f"  slice axis     : {meta['axis']}")
+    if meta.get("sides"):  # checked by read_metadata
+        sides = meta["sides"]
+        print("  left and right : " + one_line(f"learnt as one structure each ({', '.join(map(str, sides['names']))}), "
+                                           f"split at column {float(sides['midline']):.1f}"))
     # training and validation_dice are information only: odd values are shown as such, never fatal.
     training = meta.get("training")
     if isinstance(training, dict) and training:

@@ -146,6 +146,11 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
            "painted class lies on both sides of the middle or has its left/right partner by name on the other "
            "side, which a mirrored copy swaps it with, so no 'left' structure is shown as 'left' on the right)",
            choices=SWITCHES, default=_DEFAULTS.mirror),
+    Option(("--sides",), "sides", "classes named as left/right pairs (caudate_left / caudate_right): default auto "
+           "learns each pair as one structure and splits it at the midline between the painted pairs, when every "
+           "pair is painted on either side of one column (the split keeps to the grid of the scan it was trained "
+           "on, as the crop does); off learns the sides as classes of their own",
+           choices=SWITCHES, default=_DEFAULTS.sides),
     Option(("--class-weighting",), "class_weighting", f"class weights of the loss (default {_DEFAULTS.class_weighting})",
            choices=("none", "balanced"), default=_DEFAULTS.class_weighting),
     Option(("--feature-cache",), "feature_cache", "folder that keeps the frozen encoder features of the training "

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .laterality import SideSplit
 from .models import Architecture, BaseSam, SamParts, _mask_decoder
 
 # A colour per class, as Slicer's generic anatomy colours cycle (r, g, b in 0..1).
@@ -83,16 +84,20 @@ class ClassSegmenter(SamParts):
         class_colors: Optional[Sequence[Sequence[float]]] = None,
         pixel_mean: Optional[torch.Tensor] = None,
         pixel_std: Optional[torch.Tensor] = None,
+        sides: Optional[SideSplit] = None,
     ) -> None:
         super().__init__(
             architecture,
             pixel_mean if pixel_mean is not None else (0.0, 0.0, 0.0),
             pixel_std if pixel_std is not None else (1.0, 1.0, 1.0),
         )
-        if mask_decoder.num_mask_tokens != len(class_names) + 1:
+        if sides is not None and sides.num_classes != len(class_names):
+            raise ValueError(f"The left/right split is for {sides.num_classes} classes, not {len(class_names)}.")
+        slots = len(sides.names) if sides is not None else len(class_names)
+        if mask_decoder.num_mask_tokens != slots + 1:
             raise ValueError(
                 f"The decoder has {mask_decoder.num_mask_tokens - 1} class slots but "
-                f"{len(class_names)} class names were given."
+                f"{slots} {'structures' if sides is not None else 'class names'} were given."
             )
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -103,6 +108,8 @@ class ClassSegmenter(SamParts):
             raise ValueError("Give one colour per class.")
         # MedSAGaLib.roi.RegionOfInterest set by fine-tuning on small structures: slices are cropped to it
         self.roi = None
+        # MedSAGaLib.laterality.SideSplit: the head segments one structure per left/right pair, split at a midline
+        self.sides = sides
 
     @classmethod
     def from_base(
@@ -111,8 +118,10 @@ class ClassSegmenter(SamParts):
         class_names: Sequence[str],
         class_colors: Optional[Sequence[Sequence[float]]] = None,
         seed: int = 0,
+        sides: Optional[SideSplit] = None,
     ) -> "ClassSegmenter":
-        decoder = class_decoder_from_pretrained(base.mask_decoder, len(class_names), seed=seed)
+        slots = len(sides.names) if sides is not None else len(class_names)
+        decoder = class_decoder_from_pretrained(base.mask_decoder, slots, seed=seed)
         return cls(
             base.image_encoder,
             base.prompt_encoder,
@@ -122,11 +131,28 @@ class ClassSegmenter(SamParts):
             class_colors,
             base.pixel_mean,
             base.pixel_std,
+            sides,
         )
 
     @property
     def num_classes(self) -> int:
+        """The user's classes (k): the label values a segmentation holds."""
         return len(self.class_names)
+
+    @property
+    def head_names(self) -> list[str]:
+        """The classes the decoder's tokens segment: the user's, or one structure per left/right pair."""
+        return list(self.sides.names) if self.sides is not None else list(self.class_names)
+
+    def merge_sides(self, sides: SideSplit) -> None:
+        """Learn each left/right pair as one structure: keep the token of each pair's first class (and
+        background), drop its partner's. Only before training; the segmenter's class names stay the user's."""
+        if self.sides is not None:
+            raise ValueError("This segmenter already learns its left/right pairs as one structure.")
+        if sides.num_classes != self.num_classes:
+            raise ValueError(f"The left/right split is for {sides.num_classes} classes, not {self.num_classes}.")
+        self.mask_decoder = select_class_slots(self.mask_decoder, list(sides.first))
+        self.sides = sides
 
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(self.normalize(images01))
@@ -145,6 +171,22 @@ class ClassSegmenter(SamParts):
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(images01))
+
+
+def select_class_slots(decoder: nn.Module, slots: Sequence[int]) -> nn.Module:
+    """A copy of a k-class ``decoder`` whose tokens are ``slots`` of it (slot 0 first: background)."""
+    new = _mask_decoder(num_multimask_outputs=len(slots) - 1).to(decoder.mask_tokens.weight.device)
+    shared = {k: v for k, v in decoder.state_dict().items()
+              if not k.startswith(("mask_tokens", "output_hypernetworks_mlps", "iou_prediction_head.layers.2"))}
+    new.load_state_dict(shared, strict=False)
+    with torch.no_grad():
+        new.mask_tokens.weight.copy_(decoder.mask_tokens.weight[list(slots)])
+        last, new_last = decoder.iou_prediction_head.layers[-1], new.iou_prediction_head.layers[-1]
+        new_last.weight.copy_(last.weight[list(slots)])
+        new_last.bias.copy_(last.bias[list(slots)])
+        for slot, source in enumerate(slots):
+            new.output_hypernetworks_mlps[slot].load_state_dict(decoder.output_hypernetworks_mlps[source].state_dict())
+    return new
 
 
 def decode_boxes(base: BaseSam, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,13 @@ def mirror_averaging(segmenter, setting: str = "auto") -> bool:
     return training.get("mirrored") is True
 
 
+def mirror_swap(segmenter) -> list[int]:
+    """The lookup over the decoder's classes that a mirror image exchanges (left and right, as trained;
+    one structure per pair stays itself)."""
+    names = getattr(segmenter, "head_names", None) or getattr(segmenter, "class_names", None)
+    return mirror_partners(names)
+
+
 def mirror_averaged(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                     swap: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Class probabilities of ``images`` [B, C, H, W], averaged with those of their left-right mirror images
@@ -110,8 +117,11 @@ def slice_probabilities(
     A model fine-tuned on a region of interest (``segmenter.roi``) sees only that box of each slice;
     the rest of the slice is background. ``mirror``: the probabilities are the mean of the slice's and
     of its left-right mirror image's (mirrored back), as the model saw in training (:func:`mirror_averaging`),
-    with the left and right classes exchanged by ``swap`` (:func:`mirror_averaged`).
+    with the left and right classes exchanged by ``swap`` (a lookup over the decoder's classes,
+    :func:`mirror_averaged`). A model that learnt each left/right pair as one structure (``segmenter.sides``)
+    has it split at its midline on the slice's own grid (:class:`MedSAGaLib.laterality.SideSplit`).
     """
+    sides = getattr(segmenter, "sides", None)
     roi = getattr(segmenter, "roi", None)
     if roi is not None:
         crops = [roi.crop(s) for s in slices01]
@@ -122,14 +132,17 @@ def slice_probabilities(
             whole[0] = 1.0
             whole[:, roi.y0 : roi.y1, roi.x0 : roi.x1] = probabilities
             pasted.append(whole)
-        return pasted
-    transform = SliceTransform(segmenter.image_size)
-    images = torch.stack([transform.to_model(s) for s in slices01]).to(device)
-    if mirror:  # averaged probabilities, resized
-        scores = mirror_averaged(segmenter, images, swap).cpu()
-        return [transform.from_model(scores[n], s.shape) for n, s in enumerate(slices01)]
-    scores = segmenter(images).float().cpu()  # logits resized, then softmax: the argmax of the resized logits
-    return [transform.from_model(scores[n], s.shape).softmax(0) for n, s in enumerate(slices01)]
+    else:
+        transform = SliceTransform(segmenter.image_size)
+        images = torch.stack([transform.to_model(s) for s in slices01]).to(device)
+        if mirror:  # averaged probabilities, resized
+            scores = mirror_averaged(segmenter, images, swap).cpu()
+            pasted = [transform.from_model(scores[n], s.shape) for n, s in enumerate(slices01)]
+        else:
+            scores = segmenter(images).float().cpu()  # logits resized, then softmax: the argmax of the resized logits
+            pasted = [transform.from_model(scores[n], s.shape).softmax(0) for n, s in enumerate(slices01)]
+    # one structure per left/right pair: each pixel goes to the class on its side of the midline
+    return [sides.split(p) for p in pasted] if sides is not None else pasted
 
 
 def predict_slices(
@@ -148,6 +161,7 @@ class _without_roi:
     def __init__(self, segmenter) -> None:
         self._segmenter = segmenter
         self.roi = None
+        self.sides = None  # split once, on the whole slice
         self.image_size = segmenter.image_size
 
     def __call__(self, images):
@@ -213,7 +227,7 @@ def segment_volume(
     batch_size = batch_size or default_batch_size(device)
     indices = list(range(array01.shape[axis])) if slices is None else list(slices)
     mirrored = mirror_averaging(segmenter, tta)
-    swap = mirror_partners(getattr(segmenter, "class_names", None)) if mirrored else None  # left and right, as trained
+    swap = mirror_swap(segmenter) if mirrored else None
     if precision not in INFERENCE_PRECISIONS:
         raise ValueError(f"Unknown --inference-precision {precision!r}; choose {', '.join(INFERENCE_PRECISIONS)}.")
     calibration = calibration_images(segmenter, array01, axis, indices) if precision == "int8" else None

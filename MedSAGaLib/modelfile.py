@@ -133,6 +133,7 @@ def validate_metadata(path, meta) -> dict:
     except InputError as exc:
         raise ModelFileError(str(exc)) from None
     _check_preprocessing(path, meta.get("preprocessing"))
+    read_sides(path, meta)
     axis = meta.get("axis")
     if axis is not None and (not isinstance(axis, str) or axis.lower() not in AXES):
         raise ModelFileError(f"{path}: metadata axis is {axis!r}; expected one of {', '.join(AXES)}.")
@@ -158,13 +159,15 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _check_shapes(path: Path, meta: dict, arch: Architecture, shapes: dict) -> None:
     """The weights must be those of the architecture and class count the metadata names."""
     names = meta["class_names"]
+    sides = read_sides(path, meta)
+    slots = len(sides.names) if sides is not None else len(names)
     tokens = shapes.get("mask_decoder.mask_tokens.weight")
     if tokens is None or len(tokens) != 2:
         raise ModelFileError(f"{path} has no k-class mask decoder (mask_decoder.mask_tokens.weight).")
-    if tokens[0] != len(names) + 1:
+    if tokens[0] != slots + 1:
+        what = f"{slots} structures (left and right as one)" if sides is not None else f"{len(names)} classes"
         raise ModelFileError(
-            f"{path} is inconsistent: its metadata lists {len(names)} classes but its decoder has "
-            f"{tokens[0] - 1} class slots.")
+            f"{path} is inconsistent: its metadata lists {what} but its decoder has {tokens[0] - 1} class slots.")
     if arch.base == "litemedsam":
         return  # fixed architecture: the strict load below checks every shape
     try:
@@ -185,6 +188,19 @@ def _check_shapes(path: Path, meta: dict, arch: Architecture, shapes: dict) -> N
             raise ModelFileError(
                 f"{path}: metadata architecture.{field} is {getattr(arch, field)!r} but the weights have {value!r}; "
                 "the metadata was edited or the file is damaged.")
+
+
+def read_sides(path, meta: dict):
+    """The model's :class:`~MedSAGaLib.laterality.SideSplit` (None when its classes are learnt apart)."""
+    from .laterality import SideSplit
+
+    if meta.get("sides") is None:
+        return None
+    try:
+        return SideSplit.from_dict(meta["sides"], len(meta.get("class_names") or []))
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: metadata sides (left and right learnt as one structure) is unreadable: "
+                             f"{exc}.") from None
 
 
 def _payload_digest(state: dict[str, torch.Tensor]) -> str:
@@ -211,6 +227,8 @@ def model_metadata(segmenter: ClassSegmenter, extra: Optional[dict] = None) -> d
     }
     if getattr(segmenter, "roi", None) is not None:
         meta["roi"] = segmenter.roi.to_dict()
+    if getattr(segmenter, "sides", None) is not None:
+        meta["sides"] = segmenter.sides.to_dict()
     meta.update(extra or {})
     return meta
 
@@ -342,7 +360,7 @@ def load_model(
     _check_shapes(path, meta, arch, _header_shapes(path))
     state = _load_state(path, meta)
     base = build_base_model(arch.base, pretrained=False, architecture=arch.to_dict(), image_size=arch.image_size)
-    segmenter = ClassSegmenter.from_base(base, names, meta.get("class_colors"))
+    segmenter = ClassSegmenter.from_base(base, names, meta.get("class_colors"), sides=read_sides(path, meta))
     try:
         segmenter.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -219,6 +219,12 @@ def world(tmp_path_factory, tiny_model_file, tiny_vit_checkpoint):
         "format_foreign": dict(meta_edit=_edit(format="other")),
         "meta_not_json": dict(raw_meta="{not json"),
         "meta_list": dict(raw_meta="[1, 2, 3]"),
+        "sides_garbage": dict(meta_edit=_edit(sides={"merged": "x"})),
+        "sides_midline_nan": dict(meta_edit=_edit(sides={"merged": [0, 1, 1], "first": [0, 1], "second": [0, 2],
+                                                         "midline": float("nan"), "names": ["x"]})),
+        # a well-formed split the weights do not have: one structure, but the decoder has two class slots
+        "sides_tokens": dict(meta_edit=_edit(sides={"merged": [0, 1, 1], "first": [0, 1], "second": [0, 2],
+                                                    "midline": 10.0, "names": ["x"]})),
         "tokens_resized": dict(state_edit=lambda s: s.__setitem__("mask_decoder.mask_tokens.weight",
                                                                    s["mask_decoder.mask_tokens.weight"][:2]), rehash=True),
         "weight_missing": dict(state_edit=lambda s: s.pop("mask_decoder.iou_token.weight"), rehash=True),
@@ -510,12 +516,15 @@ HOSTILE = {
     "meta_not_json": "corrupt MedSAGa metadata",
     "meta_list": "not a mapping",
     "tokens_resized": "metadata lists 2 classes but its decoder has 1",
+    "sides_garbage": "metadata sides (left and right learnt as one structure) is unreadable",
+    "sides_midline_nan": "its midline is nan",
+    "sides_tokens": "metadata lists 1 structures (left and right as one) but its decoder has 2 class slots",
     "weight_missing": "does not fit",
     "weight_reshaped": "does not fit",
     "depth_with_weights": "architecture.depth is 4 but the weights have 3",
 }
 # Shape problems are found when loading; info reads the metadata only.
-SHAPE_ONLY = {"bad_checksum", "depth24", "lite_claim", "names_count", "tokens_resized", "weight_missing",
+SHAPE_ONLY = {"bad_checksum", "depth24", "lite_claim", "names_count", "tokens_resized", "sides_tokens", "weight_missing",
               "weight_reshaped", "depth_with_weights"}
 
 

@@ -557,7 +557,7 @@ def test_finetune_mirrors_left_and_right_classes_with_the_swap_and_says_so(tiny_
     images, labels = phantom_slices(2)  # class 1 on the left, class 2 on the right
     for names, mirrored in ((["putamen_left", "putamen_right"], True), (["bright", "dim"], False)):
         seg = load_model("vit_b", class_names=names, checkpoint=tiny_vit_checkpoint, image_size=224)
-        result = finetune(seg, images, labels, quick(method="decoder", steps=1, crop="off"))
+        result = finetune(seg, images, labels, quick(method="decoder", steps=1, crop="off", sides="off"))
         assert result.mirrored is mirrored and result.metadata()["mirrored"] is mirrored
         said = " ".join(result.decisions)
         assert ("swapping putamen_left / putamen_right" in said) is mirrored and ("no mirroring" in said) is not mirrored
@@ -590,3 +590,92 @@ def test_choose_mirror_only_when_every_class_lies_on_both_sides_or_has_its_partn
     assert choose_mirror([lateral.numpy()], "on")[0] and not choose_mirror([merged], "off")[0]
     with pytest.raises(TrainingError, match="--mirror"):
         choose_mirror([merged], "sometimes")
+
+
+def test_finetune_learns_left_and_right_as_one_structure_and_segments_each_side(tiny_vit_checkpoint, tmp_path):
+    from MedSAGaLib.inference import segment_volume
+    from MedSAGaLib.modelfile import save_model
+
+    images, labels = phantom_slices(2)  # putamen_left on the left, putamen_right on the right
+    seg = load_model("vit_b", class_names=["putamen_left", "putamen_right"], checkpoint=tiny_vit_checkpoint,
+                     image_size=224)
+    result = finetune(seg, images, labels, quick(method="decoder", steps=1, crop="off"))
+    said = " ".join(result.decisions)
+    assert "one structure each (putamen), split at column" in said
+    # one structure on both sides: mirrored copies are true without a swap
+    assert result.mirrored and "every class is painted on both sides" in said
+    assert seg.head_names == ["putamen"] and seg.mask_decoder.num_mask_tokens == 2
+    assert seg.class_names == ["putamen_left", "putamen_right"] and seg.num_classes == 2
+    path = save_model(tmp_path / "sides.medsaga", seg)
+    loaded = load_model(path)
+    assert loaded.sides == seg.sides and loaded.class_names == seg.class_names
+    # the user's two classes come back, each on its own side of the midline, whatever the head predicts there
+    pred = segment_volume(loaded, np.stack(images), 0, progress=False, backend="torch")
+    columns = np.arange(pred.shape[-1])[None, None, :]
+    assert not np.any((pred == 2) & (columns < seg.sides.midline))
+    assert not np.any((pred == 1) & (columns >= seg.sides.midline))
+    # --sides off: the old two-token head, left and right swapped in mirrored copies
+    apart = load_model("vit_b", class_names=["putamen_left", "putamen_right"], checkpoint=tiny_vit_checkpoint,
+                       image_size=224)
+    result = finetune(apart, images, labels, quick(method="decoder", steps=1, crop="off", sides="off"))
+    assert apart.sides is None and apart.mask_decoder.num_mask_tokens == 3
+    assert "learnt apart (--sides off)" in " ".join(result.decisions)
+    # a model resumed as it was trained keeps its left and right classes apart
+    apart.metadata = {"training": {"method": "decoder"}}
+    finetune(apart, images, labels, quick(method="decoder", steps=1, crop="off"))
+    assert apart.sides is None and apart.mask_decoder.num_mask_tokens == 3
+
+
+def test_choose_sides_merges_named_pairs_only_where_one_column_parts_them():
+    from MedSAGaLib.laterality import SideSplit, choose_sides
+
+    _, lateral = _left_right_phantom()  # class 1 in columns 8-23, class 2 in 40-55
+    lateral = lateral.numpy().astype(np.uint8)
+    with_cortex = lateral.copy()
+    with_cortex[50:60, 4:60] = 3  # a class without a side stays a class of its own
+    sides, why = choose_sides([with_cortex], ["Left-Caudate", "Right-Caudate", "cortex"])
+    assert sides.names == ("Caudate", "cortex") and sides.merged == (0, 1, 1, 2)
+    assert (sides.first, sides.second) == ((0, 1, 3), (0, 2, 3)) and 23 < sides.midline < 40
+    assert "one structure each (Caudate)" in why
+    assert np.array_equal(sides.merge(with_cortex), np.where(with_cortex == 2, 1, np.where(with_cortex == 3, 2, with_cortex)))
+    # splitting the one-hot of the merged labels gives the painted labels back
+    one_hot = torch.nn.functional.one_hot(torch.from_numpy(sides.merge(with_cortex)).long(), 3).permute(2, 0, 1).float()
+    assert np.array_equal(sides.split(one_hot).argmax(0).numpy(), with_cortex)
+    # the side each class lies on is read from the paint, not from its name
+    assert choose_sides([lateral], ["caudate_right", "caudate_left"])[0].first == (0, 1)
+    assert SideSplit.from_dict(sides.to_dict(), 3) == sides and sides.width == 64
+    with pytest.raises(ValueError, match="slices 64 columns wide, and these are 32"):  # another grid: refused
+        sides.split(one_hot[:, :, :32])
+    # learnt apart, and said why
+    crossing = lateral.copy()
+    crossing[20:44, 24:40] = 1  # the left class reaches past the midline
+    assert choose_sides([crossing], ["caudate_left", "caudate_right"])[0] is None
+    assert "not painted on either side of one column" in choose_sides([crossing], ["caudate_left", "caudate_right"])[1]
+    one_side = np.where(lateral == 2, 0, lateral)
+    assert "caudate_left is painted without its other side" in choose_sides(
+        [one_side], ["caudate_left", "caudate_right"])[1]
+    assert choose_sides([lateral], ["caudate_left", "caudate_right"], "off") == (
+        None, "left and right learnt apart (--sides off)")
+    assert choose_sides([lateral], ["left", "right"]) == (None, "")  # a side is not a structure
+    assert choose_sides([lateral], ["lesion", "cyst"]) == (None, "")
+    assert choose_sides([with_cortex], ["caudate_left", "caudate_right", "caudate"])[0] is None  # names would clash
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.update(merged=[0, 1]),  # fits another class count
+    lambda d: d.update(first=[0, 1.5]),
+    lambda d: d.update(midline=float("nan")),
+    lambda d: d.update(midline="middle"),
+    lambda d: d.update(second=[0, 1]),  # class 2 would never come back
+    lambda d: d.pop("names"),
+    lambda d: d.update(width=10),  # the midline would lie outside the slice
+    lambda d: d.update(width="48"),
+])
+def test_a_side_split_from_a_file_is_checked(edit):
+    from MedSAGaLib.laterality import SideSplit
+
+    data = {"merged": [0, 1, 1], "first": [0, 1], "second": [0, 2], "midline": 24.0, "names": ["putamen"], "width": 48}
+    assert SideSplit.from_dict(dict(data), 2).midline == 24.0
+    edit(data)
+    with pytest.raises(ValueError):
+        SideSplit.from_dict(data, 2)

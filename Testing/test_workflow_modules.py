@@ -114,7 +114,7 @@ FINETUNE_VALUES = dict(
     encoder_lr=0.0005, warmup=2, rank=8, update_proj_gap=5, scale=0.5, proj_type="left", lora_rank=16,
     train_stages=2, checkpointing=True, precision="fp32", no_augment=True, val_fraction=0.3, max_val_slices=4,
     seed=3, resume="old.medsaga", progress="json", time_budget=90.0, crop="on", class_weighting="balanced",
-    feature_cache="/tmp/features", max_steps=250, mirror="off",
+    feature_cache="/tmp/features", max_steps=250, mirror="off", sides="off",
 )
 
 

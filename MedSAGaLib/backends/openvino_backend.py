@@ -283,6 +283,7 @@ class OpenVinoRunner:
                              "OpenVINO does not find here; use f32 or int8.")
         self.image_size = model.image_size
         self.roi = getattr(model, "roi", None)  # a crop the model was fine-tuned on (predict_slices applies it)
+        self.sides = getattr(model, "sides", None)  # left/right pairs learnt as one structure (split there too)
         self.kind = kind
         self.precision = precision
         started = time.perf_counter()

@@ -24,6 +24,7 @@ class TorchRunner:
         self.model = inference_copy(model) if fast else model
         self.image_size = model.image_size
         self.roi = getattr(model, "roi", None)  # a crop the model was fine-tuned on (predict_slices applies it)
+        self.sides = getattr(model, "sides", None)  # left/right pairs learnt as one structure (split there too)
         self.description = "PyTorch (fast path)" if fast else "PyTorch"
 
     @torch.inference_mode()

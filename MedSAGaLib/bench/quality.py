@@ -123,11 +123,10 @@ def predict(segmenter, slices01: list[np.ndarray], mirror: bool = False) -> np.n
     """Label maps of ``slices01``; ``mirror``: averaged with the mirror images, as ``medsaga segment`` does for
     a model trained with mirroring (``inference.mirror_averaging``)."""
     from ..fastpath import inference_copy
-    from ..inference import predict_slices
-    from ..laterality import mirror_partners
+    from ..inference import mirror_swap, predict_slices
 
     fast = inference_copy(segmenter.eval())
-    swap = mirror_partners(segmenter.class_names) if mirror else None  # as segment_volume does
+    swap = mirror_swap(segmenter) if mirror else None  # as segment_volume does
     out = []
     for i in range(0, len(slices01), 4):
         out.extend(predict_slices(fast, slices01[i : i + 4], mirror=mirror, swap=swap))
@@ -220,12 +219,19 @@ def unet_baseline(train_images, train_labels, test_images, num_classes: int, ste
     The U-Net gets the crop the SAM methods' ``crop`` mode picks from the same training labels, so
     both see the same pixels; its predictions are pasted back into whole slices. ``probabilities``:
     class probabilities [N, k+1, H, W] instead of label maps (background outside the crop). ``class_names``:
-    mirroring is decided from them too, as the product does (left and right classes exchanged).
+    mirroring and learning each left/right pair as one structure are decided from them too, as the product
+    does (:func:`MedSAGaLib.laterality.choose_sides`; otherwise left and right classes exchanged).
     """
-    from ..laterality import mirror_partners
+    import torch
+
+    from ..laterality import choose_sides, mirror_partners
     from ..roi import choose_roi
     from ..training.data import choose_mirror
 
+    sides = choose_sides(train_labels, class_names)[0] if class_names else None
+    if sides is not None:  # one structure per left/right pair, split at the midline below
+        train_labels = [sides.merge(x) for x in train_labels]
+        class_names, num_classes = list(sides.names), len(sides.names)
     roi, _ = choose_roi(train_labels, crop)
     cut = roi.crop if roi is not None else (lambda x: x)
     labels = [cut(x) for x in train_labels]
@@ -233,18 +239,18 @@ def unet_baseline(train_images, train_labels, test_images, num_classes: int, ste
     swap = mirror_partners(class_names) if mirrored else None
     net, losses = train_unet([cut(x) for x in train_images], labels, num_classes, steps, 256, seed, lr=lr,
                              time_budget=time_budget, mirror=mirrored, class_names=class_names)
-    if probabilities:
-        inside = unet_probabilities(net, [cut(x) for x in test_images], 256, mirror=mirrored, swap=swap)
-        if roi is None:
-            return np.stack(inside), roi, losses
+    inside = unet_probabilities(net, [cut(x) for x in test_images], 256, mirror=mirrored, swap=swap)
+    if roi is None:
+        whole = np.stack(inside)
+    else:
         whole = np.zeros((len(inside), num_classes + 1) + tuple(np.shape(test_images[0])), np.float32)
         whole[:, 0] = 1.0
         whole[:, :, roi.y0 : roi.y1, roi.x0 : roi.x1] = np.stack(inside)
+    if sides is not None:
+        whole = np.stack([sides.split(torch.from_numpy(p)).numpy() for p in whole])
+    if probabilities:
         return whole, roi, losses
-    pred = predict_unet(net, [cut(x) for x in test_images], 256, mirror=mirrored, swap=swap)
-    if roi is not None:
-        pred = np.stack([roi.paste(p) for p in pred])
-    return pred, roi, losses
+    return whole.argmax(1).astype(np.uint8), roi, losses
 
 
 def parse_method_lrs(entries: list[str]) -> dict[str, float]:

@@ -75,6 +75,9 @@ class FinetuneConfig:
     augment: bool = True
     # left-right mirroring: "auto" only when every painted class lies on both sides (training.data.choose_mirror)
     mirror: str = "auto"
+    # classes named as left/right pairs, painted on either side of one column: "auto" learns each pair as one
+    # structure and splits it at that midline when segmenting (laterality.choose_sides); "off" learns them apart
+    sides: str = "auto"
     augment_copies: int = 4  # versions of each training slice (the first unaugmented) when stages are cached
     # validation
     val_every: int = 0  # 0: about four times per run
@@ -125,6 +128,8 @@ class FinetuneConfig:
             raise TrainingError("--train-stages cannot be negative.")
         if self.mirror not in SWITCHES:
             raise TrainingError(f"Unknown --mirror {self.mirror!r}; choose auto, on or off.")
+        if self.sides not in SWITCHES:
+            raise TrainingError(f"Unknown --sides {self.sides!r}; choose auto, on or off.")
         if self.augment_copies < 1:
             raise TrainingError("augment_copies must be at least 1.")
         return self

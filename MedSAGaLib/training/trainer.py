@@ -31,7 +31,7 @@ from .budget import LATE_REPLAN_STEPS, PROBE_STEPS, REPLAN_STEPS, StepBudget
 from .config import FinetuneConfig, TrainingError
 from .diagnosis import stuck_classes, thinly_painted_classes
 from .distributed import DistributedTraining
-from ..laterality import mirror_partners
+from ..laterality import choose_sides, mirror_partners
 from .data import (BatchSampler, FewShotSlices, augment, build_augmentation, check_training_data, choose_mirror,
                    select_validation)
 from .encoder import EncoderSplit, checkpoint_units, set_checkpointing
@@ -297,6 +297,26 @@ class Trainer:
         if len(self.val_images) != len(self.val_labels):
             raise TrainingError("Give one label slice per validation image slice.")
         self.result = FinetuneResult(config=config.to_dict())
+        # left/right pairs painted on either side of one column are learnt as one structure each (decided on the
+        # whole slices: the midline is a column of the slice, as the crop's box is)
+        sides = getattr(segmenter, "sides", None)
+        if sides is not None:
+            self.result.decisions.append(f"left and right learnt as one structure each, split at column "
+                                         f"{sides.midline:.1f} as the model was trained")
+        elif (getattr(segmenter, "metadata", None) or {}).get("training"):
+            pass  # a model resumed as it was trained: its left and right classes stay apart
+        elif hasattr(segmenter, "merge_sides"):
+            sides, why = choose_sides(list(labels) + self.val_labels, segmenter.class_names, config.sides)
+            if sides is not None:
+                segmenter.merge_sides(sides)
+            if why:
+                self.result.decisions.append(why)
+        if sides is not None:
+            labels = [sides.merge(x) for x in labels]
+            self.val_labels = [sides.merge(x) for x in self.val_labels]
+            self.num_classes = len(sides.names)
+        self.class_names = list(getattr(segmenter, "head_names", None) or getattr(segmenter, "class_names", None)
+                                or [f"class {c}" for c in range(1, self.num_classes + 1)])
         self.painted_labels = list(labels)
         # small structures: crop to the painted region (the model keeps the box for segmenting)
         roi = getattr(segmenter, "roi", None)
@@ -314,10 +334,10 @@ class Trainer:
             self.val_images = [roi.crop(x) for x in self.val_images]
             self.val_labels = [roi.crop(x) for x in self.val_labels]
         self.images01, self.labels = images01, labels
-        class_names = getattr(segmenter, "class_names", None)
+        class_names = self.class_names
         self.mirror, why = choose_mirror(labels, config.mirror, class_names)
         # a mirrored copy exchanges the classes named as each other's other side (caudate_left / caudate_right)
-        self.swap = mirror_partners(class_names) if self.mirror and class_names else None
+        self.swap = mirror_partners(class_names) if self.mirror else None
         if config.augment:
             self.result.decisions.append(why)
         self.result.mirrored = bool(self.mirror and config.augment)
@@ -536,7 +556,7 @@ class Trainer:
             weight = torch.as_tensor(class_balance_weights(self.labels, self.num_classes), dtype=torch.float32,
                                      device=self.device)
             self.result.decisions.append("class weights " + ", ".join(
-                f"{n} {w:.2f}" for n, w in zip(["background"] + list(segmenter.class_names), weight.tolist())))
+                f"{n} {w:.2f}" for n, w in zip(["background"] + self.class_names, weight.tolist())))
         self.loss_fn = DiceCELoss(
             to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight, lambda_ce=config.ce_weight, batch=True,
             include_background=config.dice_background, weight=weight,
@@ -583,7 +603,7 @@ class Trainer:
                     preds.append(pred[j, :h, :w])
                     refs.append(val.labels[i + j][:h, :w])
         _set_train_modes(self.segmenter)
-        return dict(zip(self.segmenter.class_names, dice_per_class(preds, refs, self.num_classes)))
+        return dict(zip(self.class_names, dice_per_class(preds, refs, self.num_classes)))
 
     def training_fit(self) -> dict:
         """Dice per class on the training slices themselves, unaugmented: how much of what was painted the
@@ -704,7 +724,7 @@ class Trainer:
             result.stop_reason = "stopped by the user"
         if self.val_images:
             result.decisions.append(f"kept the model of step {result.best_step} (best mean validation Dice)")
-        names = list(self.segmenter.class_names)
+        names = list(self.class_names)
         if self.val_images:
             result.warnings = stuck_classes(result.val_dice, self.painted_labels, names, val_labels=self.val_labels)
         elif result.steps_done > 0 and (self.ddp is None or self.ddp.is_main):
