@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .training.config import PRECISIONS, SWITCHES, FinetuneConfig
+from .training.config import PRECISIONS, SIDES, SWITCHES, FinetuneConfig
 
 PROGRESS_MODES = ("auto", "tqdm", "json", "none")
 # the names of ``models.BASE_MODEL_REGISTRY`` (a test keeps them equal), here without importing torch
@@ -150,7 +150,7 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
            "learns each pair as one structure and splits it at the midline between the painted pairs, when every "
            "pair is painted on either side of one column (the split keeps to the grid of the scan it was trained "
            "on, as the crop does); off learns the sides as classes of their own",
-           choices=SWITCHES, default=_DEFAULTS.sides),
+           choices=SIDES, default=_DEFAULTS.sides),
     Option(("--class-weighting",), "class_weighting", f"class weights of the loss (default {_DEFAULTS.class_weighting})",
            choices=("none", "balanced"), default=_DEFAULTS.class_weighting),
     Option(("--feature-cache",), "feature_cache", "folder that keeps the frozen encoder features of the training "

@@ -156,7 +156,7 @@ def pair_stem(name: str) -> str:
 def choose_sides(labels: Sequence[np.ndarray], class_names: Optional[Sequence[str]], setting: str = "auto"
                  ) -> tuple[Optional[SideSplit], str]:
     """(split or None, why): learn each left/right pair (named as one structure on two sides) as one structure
-    when every such pair is painted on either side of one column (``auto``, ``on``); ``off`` learns the sides
+    when every such pair is painted on either side of one column (``auto``); ``off`` learns the sides
     apart. Labels are whole slices, values 1..k named ``class_names``."""
     if setting == "off":
         return None, "left and right learnt apart (--sides off)"

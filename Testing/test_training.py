@@ -659,6 +659,8 @@ def test_choose_sides_merges_named_pairs_only_where_one_column_parts_them():
     assert choose_sides([lateral], ["left", "right"]) == (None, "")  # a side is not a structure
     assert choose_sides([lateral], ["lesion", "cyst"]) == (None, "")
     assert choose_sides([with_cortex], ["caudate_left", "caudate_right", "caudate"])[0] is None  # names would clash
+    with pytest.raises(TrainingError, match="--sides 'on'; choose auto or off"):
+        FinetuneConfig(sides="on").validate()
 
 
 @pytest.mark.parametrize("edit", [

@@ -11,6 +11,7 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENCODER_LAYERS = ("all", "qkv")
 SWITCHES = ("auto", "on", "off")  # the settings of --crop, --mirror and (segment, evaluate) --tta
+SIDES = ("auto", "off")  # --sides: a pair is learnt as one structure only where one column parts it, so no "on"
 
 
 class TrainingError(ValueError):
@@ -128,8 +129,8 @@ class FinetuneConfig:
             raise TrainingError("--train-stages cannot be negative.")
         if self.mirror not in SWITCHES:
             raise TrainingError(f"Unknown --mirror {self.mirror!r}; choose auto, on or off.")
-        if self.sides not in SWITCHES:
-            raise TrainingError(f"Unknown --sides {self.sides!r}; choose auto, on or off.")
+        if self.sides not in SIDES:
+            raise TrainingError(f"Unknown --sides {self.sides!r}; choose auto or off.")
         if self.augment_copies < 1:
             raise TrainingError("augment_copies must be at least 1.")
         return self
