@@ -44,31 +44,34 @@ def class_decoder_from_pretrained(pretrained: nn.Module, num_classes: int, seed:
     """
     if num_classes < 1:
         raise ValueError("A segmentation head needs at least one class.")
-    decoder = _mask_decoder(num_multimask_outputs=num_classes)
-    shared = {
-        k: v
-        for k, v in pretrained.state_dict().items()
-        if not k.startswith(("mask_tokens", "output_hypernetworks_mlps", "iou_prediction_head.layers.2"))
-    }
-    decoder.load_state_dict(shared, strict=False)
-    generator = torch.Generator().manual_seed(seed)
     sources = [0] + [(c - 1) % pretrained.num_mask_tokens for c in range(1, num_classes + 1)]
+    decoder = select_class_slots(pretrained, sources)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        last_iou = pretrained.iou_prediction_head.layers[-1]
-        for slot, source in enumerate(sources):
-            token = pretrained.mask_tokens.weight[source].clone()
-            if slot > pretrained.num_mask_tokens:
-                token += 0.02 * token.std() * torch.randn(token.shape, generator=generator)
-            decoder.mask_tokens.weight[slot] = token
-            decoder.output_hypernetworks_mlps[slot].load_state_dict(
-                pretrained.output_hypernetworks_mlps[source].state_dict()
-            )
-            decoder.iou_prediction_head.layers[-1].weight[slot] = last_iou.weight[source]
-            decoder.iou_prediction_head.layers[-1].bias[slot] = last_iou.bias[source]
+        for slot in range(pretrained.num_mask_tokens + 1, num_classes + 1):
+            token = decoder.mask_tokens.weight[slot]
+            token += 0.02 * token.std() * torch.randn(token.shape, generator=generator)
         background_out = decoder.output_hypernetworks_mlps[0].layers[-1]
         background_out.weight.neg_()
         background_out.bias.neg_()
     return decoder
+
+
+def select_class_slots(decoder: nn.Module, slots: Sequence[int]) -> nn.Module:
+    """A new mask decoder whose tokens (with their hypernetworks and IoU outputs) are copies of ``decoder``'s
+    ``slots``, in that order (slot 0: background); every other weight is shared with it by copy."""
+    new = _mask_decoder(num_multimask_outputs=len(slots) - 1).to(decoder.mask_tokens.weight.device)
+    shared = {k: v for k, v in decoder.state_dict().items()
+              if not k.startswith(("mask_tokens", "output_hypernetworks_mlps", "iou_prediction_head.layers.2"))}
+    new.load_state_dict(shared, strict=False)
+    with torch.no_grad():
+        new.mask_tokens.weight.copy_(decoder.mask_tokens.weight[list(slots)])
+        last, new_last = decoder.iou_prediction_head.layers[-1], new.iou_prediction_head.layers[-1]
+        new_last.weight.copy_(last.weight[list(slots)])
+        new_last.bias.copy_(last.bias[list(slots)])
+        for slot, source in enumerate(slots):
+            new.output_hypernetworks_mlps[slot].load_state_dict(decoder.output_hypernetworks_mlps[source].state_dict())
+    return new
 
 
 class ClassSegmenter(SamParts):
@@ -171,22 +174,6 @@ class ClassSegmenter(SamParts):
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(images01))
-
-
-def select_class_slots(decoder: nn.Module, slots: Sequence[int]) -> nn.Module:
-    """A copy of a k-class ``decoder`` whose tokens are ``slots`` of it (slot 0 first: background)."""
-    new = _mask_decoder(num_multimask_outputs=len(slots) - 1).to(decoder.mask_tokens.weight.device)
-    shared = {k: v for k, v in decoder.state_dict().items()
-              if not k.startswith(("mask_tokens", "output_hypernetworks_mlps", "iou_prediction_head.layers.2"))}
-    new.load_state_dict(shared, strict=False)
-    with torch.no_grad():
-        new.mask_tokens.weight.copy_(decoder.mask_tokens.weight[list(slots)])
-        last, new_last = decoder.iou_prediction_head.layers[-1], new.iou_prediction_head.layers[-1]
-        new_last.weight.copy_(last.weight[list(slots)])
-        new_last.bias.copy_(last.bias[list(slots)])
-        for slot, source in enumerate(slots):
-            new.output_hypernetworks_mlps[slot].load_state_dict(decoder.output_hypernetworks_mlps[source].state_dict())
-    return new
 
 
 def decode_boxes(base: BaseSam, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
