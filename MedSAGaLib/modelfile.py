@@ -156,10 +156,10 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise ModelFileError(f"{path} is truncated or corrupt: {exc}") from None
 
 
-def _check_shapes(path: Path, meta: dict, arch: Architecture, shapes: dict) -> None:
-    """The weights must be those of the architecture and class count the metadata names."""
+def _check_shapes(path: Path, meta: dict, arch: Architecture, shapes: dict, sides=None) -> None:
+    """The weights must be those of the architecture and class count the metadata names (one token per
+    structure where ``sides``, the model's :func:`read_sides`, learns left and right as one)."""
     names = meta["class_names"]
-    sides = read_sides(path, meta)
     slots = len(sides.names) if sides is not None else len(names)
     tokens = shapes.get("mask_decoder.mask_tokens.weight")
     if tokens is None or len(tokens) != 2:
@@ -357,10 +357,11 @@ def load_model(
     # Untrusted file: metadata bounds (read_metadata), then the weights' shapes from the header,
     # then the checksum over the weights; only then is anything built.
     arch = validate_architecture(path, meta)
-    _check_shapes(path, meta, arch, _header_shapes(path))
+    sides = read_sides(path, meta)
+    _check_shapes(path, meta, arch, _header_shapes(path), sides)
     state = _load_state(path, meta)
     base = build_base_model(arch.base, pretrained=False, architecture=arch.to_dict(), image_size=arch.image_size)
-    segmenter = ClassSegmenter.from_base(base, names, meta.get("class_colors"), sides=read_sides(path, meta))
+    segmenter = ClassSegmenter.from_base(base, names, meta.get("class_colors"), sides=sides)
     try:
         segmenter.load_state_dict(state, strict=True)
     except RuntimeError as exc:
