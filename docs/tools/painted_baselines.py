@@ -5,7 +5,7 @@ Usage: python docs/tools/painted_baselines.py OUT/TASK [--unet-budget SECONDS] [
 Reads OUT/TASK/plan.json, image.nii.gz and reference.seg.nrrd as the shell tool writes them, and scores
 on the plan's unseen annotated slices:
 - ``nearest-slice``: each slice copies the nearest painted slice's labels (learns nothing);
-- ``unet``: a MONAI 2-D U-Net from scratch on the 5 painted slices only, with the crop the product's
+- ``unet``: a MONAI 2-D U-Net from scratch on the painted slices only (5 unless SHOTS said otherwise), with the crop the product's
   ``--crop auto`` picks from the same painted labels and the same wall-clock budget as the product's
   default fine-tuning (240 s), steps planned from the first steps' time;
 - ``unet+painted``: the same U-Net's probabilities with the help ``medsaga evaluate --painted`` gives MedSAGa
