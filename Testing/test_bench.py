@@ -321,6 +321,27 @@ def test_backend_speed_report_states_the_f32_floor_of_the_machine():
     assert "99.000% with torch-fast on this slice: <= 0.45 s met" in text
 
 
+def test_training_speed_rows_say_which_precision_ran():
+    """``bench speed --train-precisions``: each training row names the precision the trainer's autocast used, so
+    fp32 and bf16 steps of one method can sit side by side; ``auto`` resolves as the trainer resolves it."""
+    from MedSAGaLib.bench.speed import markdown, precision_that_runs
+    from MedSAGaLib.training.precision import choose_autocast
+
+    assert precision_that_runs("fp32", "galore") == "fp32" and precision_that_runs("bf16", "galore") == "bf16"
+    assert precision_that_runs("auto", "decoder") == "fp32"  # decoder-only stays fp32 on any CPU
+    dtype, _ = choose_autocast("auto", torch.device("cpu"), trains_encoder=True)
+    assert precision_that_runs("auto", "galore") == ("bf16" if dtype == torch.bfloat16 else "fp32")
+
+    def row(precision, seconds):
+        return dict(model="litemedsam", method="galore", batch_size=2, train_stages=1, precision=precision,
+                    seconds_per_step=seconds, flops_per_step=200e9, fraction_of_matmul=0.5)
+
+    text = markdown(dict(machine=dict(cpu="AMD EPYC", torch_threads=2), matmul_flops=200e9, inference=[],
+                         training=[row("fp32", 1.4), row("bf16", 0.9)]))
+    assert "| litemedsam | galore | fp32 | 2 | 1 | 1.40 | 200 | 50% |" in text
+    assert "| litemedsam | galore | bf16 | 2 | 1 | 0.90 | 200 | 50% |" in text
+
+
 def test_unet_baseline_plans_its_steps_from_a_time_budget():
     """The U-Net baseline gets the product's wall-clock: with a budget it times its first steps and trains
     no more than fit (and at least the probe), without one exactly the steps asked for."""

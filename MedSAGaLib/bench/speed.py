@@ -25,10 +25,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .common import machine_info, set_threads, write_json
+from ..training.config import PRECISIONS
 from ..training.methods import METHODS
 
 
@@ -104,30 +106,47 @@ def bench_inference(model: str, image_size, batch_sizes, repeats: int, peak: flo
     return rows
 
 
-def bench_training(model: str, image_size, methods, steps: int, batch_size: int, train_stages, peak: float) -> list[dict]:
+def precision_that_runs(precision: str, method: str, device: str = "cpu") -> str:
+    """``fp32``, ``bf16`` or ``fp16``: what the trainer's autocast does for ``precision`` (``auto`` decides by the
+    device and whether the encoder trains, :func:`MedSAGaLib.training.precision.choose_autocast`)."""
+    import torch
+
+    from ..training.precision import choose_autocast
+
+    dtype, _ = choose_autocast(precision, torch.device(device), trains_encoder=method != "decoder")
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def bench_training(model: str, image_size, methods, steps: int, batch_size: int, train_stages, peak: float,
+                   precisions: Sequence[str] = ("auto",)) -> list[dict]:
     from ..bench.memory import _synthetic_slices
     from ..training import FinetuneConfig, finetune
 
     rows = []
-    for method in methods:
-        def run(n):
-            seg = build_segmenter(model, image_size)
-            imgs, labs = _synthetic_slices(batch_size, seg.image_size, 2)
-            cfg = FinetuneConfig(method=method, steps=n, batch_size=batch_size, warmup=0, augment=False,
-                                 train_stages=None if method == "decoder" else train_stages)
-            holder = {}
-            flops = count_flops(lambda: holder.setdefault("r", finetune(seg, imgs, labs, cfg)))
-            return flops, holder["r"]
+    for precision in precisions:
+        for method in methods:
+            def run(n):
+                seg = build_segmenter(model, image_size)
+                imgs, labs = _synthetic_slices(batch_size, seg.image_size, 2)
+                cfg = FinetuneConfig(method=method, steps=n, batch_size=batch_size, warmup=0, augment=False,
+                                     train_stages=None if method == "decoder" else train_stages, precision=precision)
+                holder = {}
+                flops = count_flops(lambda: holder.setdefault("r", finetune(seg, imgs, labs, cfg)))
+                return flops, holder["r"]
 
-        f1, _ = run(1)
-        f2, result = run(1 + steps)
-        per_step = (f2 - f1) / steps
-        rows.append(dict(model=model, method=method, batch_size=batch_size, train_stages=result.train_stages,
-                         steps=result.steps_done, seconds_per_step=result.seconds_per_step, flops_per_step=per_step,
-                         fraction_of_matmul=(per_step / result.seconds_per_step) / peak if peak else None,
-                         prepare_seconds=result.prepare_seconds))
-        log(f"training {model} {method}: {result.seconds_per_step:.2f} s/step (batch {batch_size}, "
-            f"stages {result.train_stages}), {per_step / 1e9:.0f} GFLOP/step")
+            ran = precision_that_runs(precision, method)
+            if ran != precision and any(r["method"] == method and r["precision"] == ran for r in rows):
+                continue  # ``auto`` chose a precision already timed for this method
+            f1, _ = run(1)
+            f2, result = run(1 + steps)
+            per_step = (f2 - f1) / steps
+            rows.append(dict(model=model, method=method, batch_size=batch_size, train_stages=result.train_stages,
+                             precision=ran, steps=result.steps_done, seconds_per_step=result.seconds_per_step,
+                             flops_per_step=per_step,
+                             fraction_of_matmul=(per_step / result.seconds_per_step) / peak if peak else None,
+                             prepare_seconds=result.prepare_seconds))
+            log(f"training {model} {method} {ran}: {result.seconds_per_step:.2f} s/step (batch {batch_size}, "
+                f"stages {result.train_stages}), {per_step / 1e9:.0f} GFLOP/step")
     return rows
 
 
@@ -319,11 +338,11 @@ def markdown(payload: dict) -> str:
                      f"| {r['cpu_seconds_per_slice']:.2f} | {r['flops_per_slice'] / 1e9:.1f} | {100 * r['fraction_of_matmul']:.0f}% "
                      f"| {r['max_abs_logit_diff']:.1e} | {100 * r['argmax_agreement']:.3f}% |")
     if payload["training"]:
-        lines += ["", "| model | method | batch | stages trained | s/step | GFLOP/step | % of matmul peak |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| model | method | precision | batch | stages trained | s/step | GFLOP/step | % of fp32 matmul peak |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in payload["training"]:
-            lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']} | {r['train_stages']} | {r['seconds_per_step']:.2f} "
-                         f"| {r['flops_per_step'] / 1e9:.0f} | {100 * r['fraction_of_matmul']:.0f}% |")
+            lines.append(f"| {r['model']} | {r['method']} | {r.get('precision', 'fp32')} | {r['batch_size']} | {r['train_stages']} "
+                         f"| {r['seconds_per_step']:.2f} | {r['flops_per_step'] / 1e9:.0f} | {100 * r['fraction_of_matmul']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -353,7 +372,8 @@ def run(args) -> dict:
     log(f"fp32 matmul: {peak / 1e9:.0f} GFLOP/s at {args.threads} threads")
     payload = {"benchmark": "speed", "machine": machine_info(args.device), "matmul_flops": peak,
                "settings": {k: getattr(args, k) for k in ("models", "batch_sizes", "repeats", "methods", "train_steps",
-                                                           "train_batch_size", "train_stages", "threads")},
+                                                           "train_batch_size", "train_stages", "train_precisions",
+                                                           "threads")},
                "inference": [], "training": []}
     out = Path(args.output)
     for spec in args.models:
@@ -362,7 +382,7 @@ def run(args) -> dict:
         write_json(out / f"{args.name}.json", payload)
     if args.methods:
         payload["training"] = bench_training(args.train_model, None, args.methods, args.train_steps, args.train_batch_size,
-                                             args.train_stages, peak)
+                                             args.train_stages, peak, args.train_precisions)
     write_json(out / f"{args.name}.json", payload)
     (out / f"{args.name}.md").write_text(markdown(payload), encoding="utf-8")
     return payload
@@ -377,6 +397,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument("--train-batch-size", type=int, default=2)
     parser.add_argument("--train-stages", type=int, default=None, help="default: the trainer's")
+    parser.add_argument("--train-precisions", nargs="+", default=["auto"], choices=list(PRECISIONS),
+                        help="training precisions timed (auto: what the trainer picks here; fp32 bf16: both side by side)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backends", nargs="*", default=None, choices=list(BACKEND_RUNS),
