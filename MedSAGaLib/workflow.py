@@ -201,7 +201,7 @@ def finetune_volume(
     slices: Union[str, Sequence[int], None] = None,
     shots: Optional[int] = None,
     val_slices: Optional[Sequence[int]] = None,
-    val_fraction: float = 0.2,
+    val_fraction: float = 0.0,
     window: Optional[str] = None,
     base: Optional[str] = None,
     checkpoint: Optional[str] = None,
@@ -260,9 +260,12 @@ def finetune_volume(
     result = finetune_slices(segmenter, take(array01, train_idx), take(task.labels, train_idx), take(array01, val_idx),
                              take(task.labels, val_idx), config=config, progress=progress, should_stop=should_stop,
                              hooks=hooks, feature_cache=feature_cache, feature_store=feature_store)
-    if not val_idx and val_slices is None and holdout_wanted(requested, shots, val_fraction):  # too few to hold out
-        result.decisions.insert(0, f"every painted slice trains ({len(train_idx)}): with fewer than "
-                                   f"{MIN_SLICES_TO_HOLD_OUT} annotated slices none is held out to validate")
+    if not val_idx and val_slices is None and requested is None and shots is None:
+        why = (f"with fewer than {MIN_SLICES_TO_HOLD_OUT} annotated slices none is held out to validate"
+               if holdout_wanted(requested, shots, val_fraction) else
+               f"none is held out (--val-fraction 0.2 holds a fifth out to stop early, from {MIN_SLICES_TO_HOLD_OUT} "
+               "annotated slices on)")
+        result.decisions.insert(0, f"every painted slice trains ({len(train_idx)}): {why}")
     training = result.metadata()
     training.update(
         train_slices=train_idx, val_slices=val_idx, labels=task.labels_source, image=task.image_source,
