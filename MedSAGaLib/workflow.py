@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .events import event, jsonable
-from .slices import (MIN_SLICES_TO_HOLD_OUT, annotated_slices, get_slice, holdout_wanted, labels_for_model, parse_slices,
+from .slices import (MIN_SLICES_TO_HOLD_OUT, annotated_slices, get_slice, labels_for_model, parse_slices,
                      plan_slices, select_classes)
 from .training.config import FinetuneConfig, TrainingError
 from .volume import array_from_image, normalize_with, read_volume, slice_axis, window_settings
@@ -262,7 +262,7 @@ def finetune_volume(
                              hooks=hooks, feature_cache=feature_cache, feature_store=feature_store)
     if not val_idx and val_slices is None and requested is None and shots is None:
         why = (f"with fewer than {MIN_SLICES_TO_HOLD_OUT} annotated slices none is held out to validate"
-               if holdout_wanted(requested, shots, val_fraction) else
+               if val_fraction > 0 else
                f"none is held out (--val-fraction 0.2 holds a fifth out to stop early, from {MIN_SLICES_TO_HOLD_OUT} "
                "annotated slices on)")
         result.decisions.insert(0, f"every painted slice trains ({len(train_idx)}): {why}")

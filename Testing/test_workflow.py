@@ -39,6 +39,11 @@ def test_finetune_evaluate_segment_as_library_calls(tmp_path, tiny_vit_checkpoin
     untouched = tmp_path / "none.medsaga"
     stopped = finetune_volume(image, labels, output=untouched, slices=[1], steps=5, should_stop=lambda: True, **base)
     assert stopped.result.steps_done == 0 and stopped.model_path is None and not untouched.exists()
+    # by default every annotated slice trains and the run says why, whether or not a fraction was asked for
+    for asked, why in (({}, "none is held out (--val-fraction 0.2"), ({"val_fraction": 0.2}, "with fewer than 10 annotated")):
+        all_train = finetune_volume(image, labels, steps=5, should_stop=lambda: True, **asked, **base)
+        assert (all_train.train_slices, all_train.val_slices) == ([1, 2, 3, 4], [])
+        assert all_train.result.decisions[0].startswith(f"every painted slice trains (4): {why}")
 
     seen = []
     scores = evaluate_volume(out, image, labels, device="cpu", progress=seen.append)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A user's run on a sample task (docs/results/NOTES.md, "Realistic tasks"): labels kept on 5 evenly spread
-# annotated slices only (what a user paints), `medsaga finetune` with no flags but the ones given (it holds
-# one painted slice out to validate from 10 painted slices on), then `medsaga evaluate` on every other annotated slice
+# annotated slices only (what a user paints), `medsaga finetune` with no flags but the ones given (every painted
+# slice trains unless --val-fraction is given), then `medsaga evaluate` on every other annotated slice
 # of the reference, without and with `--painted` (as the Slicer panel segments), and the baselines of docs/tools/painted_baselines.py on the same slices (once per task).
 # Usage: docs/tools/painted_slices_run.sh TASK NAME [finetune flags...]   (OUT=folder, default /tmp/medsaga-painted;
 #        SHOTS=n paints n slices instead of 5: give each shot count its own OUT; BASELINE_FLAGS are passed to
