@@ -76,7 +76,8 @@ def _settings(args) -> dict:
         proj_type=args.proj_type, lora_rank=args.lora_rank, train_stages=args.train_stages,
         augment=not args.no_augment, checkpointing=args.checkpointing, precision=args.precision, device=args.device,
         seed=args.seed, max_val_slices=args.max_val_slices, time_budget=args.time_budget, max_steps=args.max_steps,
-        crop=args.crop, mirror=args.mirror, sides=args.sides, class_weighting=args.class_weighting,
+        crop=args.crop, crop_margin=args.crop_margin, mirror=args.mirror, sides=args.sides,
+        class_weighting=args.class_weighting,
     )
 
 

@@ -142,6 +142,8 @@ FINETUNE_OPTIONS = TASK_OPTIONS + (
     Option(("--crop",), "crop", "train and segment on the box around the painted structures, at a higher "
            f"resolution (default {_DEFAULTS.crop}: when they fill less than half of the slice)",
            choices=SWITCHES, default=_DEFAULTS.crop),
+    Option(("--crop-margin",), "crop_margin", "margin of that box on every side, as a fraction of its height and "
+           f"width (default {_DEFAULTS.crop_margin:g})", type=float, default=_DEFAULTS.crop_margin),
     Option(("--mirror",), "mirror", "left-right mirroring in the augmentation (default auto: only when every "
            "painted class lies on both sides of the middle or has its left/right partner by name on the other "
            "side, which a mirrored copy swaps it with, so no 'left' structure is shown as 'left' on the right)",

@@ -114,8 +114,23 @@ FINETUNE_VALUES = dict(
     encoder_lr=0.0005, warmup=2, rank=8, update_proj_gap=5, scale=0.5, proj_type="left", lora_rank=16,
     train_stages=2, checkpointing=True, precision="fp32", no_augment=True, val_fraction=0.3, max_val_slices=4,
     seed=3, resume="old.medsaga", progress="json", time_budget=90.0, crop="on", class_weighting="balanced",
-    feature_cache="/tmp/features", max_steps=250, mirror="off", sides="off",
+    feature_cache="/tmp/features", max_steps=250, mirror="off", sides="off", crop_margin=0.1,
 )
+
+
+def test_every_training_option_reaches_the_trainer_settings():
+    from dataclasses import fields
+
+    from MedSAGaLib.cli_train import _settings
+    from MedSAGaLib.training import FinetuneConfig
+
+    args = _parser().parse_args(commands.finetune_argv("i", "l", "o", **FINETUNE_VALUES))
+    settings = _settings(args)
+    assert set(settings) <= {f.name for f in FinetuneConfig.__dataclass_fields__.values()}
+    # every option named as a trainer setting is handed on, with the value given
+    for dest in {f.name for f in fields(FinetuneConfig)} & set(FINETUNE_VALUES):
+        assert settings[dest] == FINETUNE_VALUES[dest], dest
+    assert settings["augment"] is False and settings["crop_margin"] == 0.1
 
 
 def test_every_finetune_option_parses_back_to_its_value():
