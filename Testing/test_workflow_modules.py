@@ -125,10 +125,10 @@ def test_every_training_option_reaches_the_trainer_settings():
     from MedSAGaLib.training import FinetuneConfig
 
     args = _parser().parse_args(commands.finetune_argv("i", "l", "o", **FINETUNE_VALUES))
-    settings = _settings(args)
-    assert set(settings) <= {f.name for f in FinetuneConfig.__dataclass_fields__.values()}
+    settings, names = _settings(args), {f.name for f in fields(FinetuneConfig)}
+    assert set(settings) <= names
     # every option named as a trainer setting is handed on, with the value given
-    for dest in {f.name for f in fields(FinetuneConfig)} & set(FINETUNE_VALUES):
+    for dest in names & set(FINETUNE_VALUES):
         assert settings[dest] == FINETUNE_VALUES[dest], dest
     assert settings["augment"] is False and settings["crop_margin"] == 0.1
 

@@ -108,7 +108,7 @@ class FinetuneConfig:
         if self.crop not in SWITCHES:
             raise TrainingError(f"Unknown crop mode {self.crop!r}; choose auto, on or off.")
         if not 0 <= self.crop_margin <= 2:
-            raise TrainingError("crop_margin must be between 0 and 2 (a fraction of the box size).")
+            raise TrainingError("--crop-margin must be between 0 and 2 (a fraction of the box size).")
         if self.batch_size < 1:
             raise TrainingError("The batch size must be at least 1.")
         if not self.lr > 0 or (self.encoder_lr is not None and not self.encoder_lr > 0):
