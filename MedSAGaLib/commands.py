@@ -92,7 +92,9 @@ SLICES = Option(("--slices",), "slices", "slices along the axis, voxel indices f
                 "A:B:STEP or a list 12,40,77")
 DEVICE = Option(("--device",), "device", "auto (default), cpu, cuda or mps", default="auto")
 WINDOW = Option(("--window",), "window", "intensity window CENTRE,WIDTH or a CT preset (ct-soft, ct-abdomen, "
-                "ct-lung, ct-bone, ct-brain); default: the model's own setting, else volume percentiles (MR)")
+                "ct-lung, ct-bone, ct-brain), or 'percentile' for the volume's 0.5-99.5th percentiles; default: "
+                "the model's own setting; finetune: volume percentiles, narrowed to the crop's own 1-99th when it "
+                "crops to small structures (MR)")
 BACKEND = Option(("--backend",), "backend", "inference runtime: auto (default: OpenVINO on a CPU when installed and "
                  "the export pays off, else PyTorch), torch, openvino", choices=("auto", "torch", "openvino"),
                  default="auto")

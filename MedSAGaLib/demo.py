@@ -177,7 +177,7 @@ def realistic_task(name: str, out: Path, device: str, budget: float, steps=None,
 
 
 def normalize_volume(task):
-    """The task's intensities in [0, 1] by the default preprocessing (volume percentiles), as finetune does."""
+    """The task's intensities in [0, 1] by volume percentiles (the pictures; a cropping fine-tune narrows them)."""
     from .volume import normalize_with, preprocessing_settings
 
     return normalize_with(task.array, preprocessing_settings(None))

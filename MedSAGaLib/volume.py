@@ -271,6 +271,36 @@ def preprocessing_settings(window: Optional[tuple[float, float]], percentiles=(0
     return {"intensity": "percentile", "percentiles": [float(p) for p in percentiles]}
 
 
+def percentile_ranks(array: np.ndarray, values: Sequence[float]) -> list[float]:
+    """The percentile (0-100) of ``array`` at which each value lies: the inverse of ``np.percentile``.
+
+    Ties (integer MR intensities) count half below and half above, so ``np.percentile`` at the rank
+    returns about the value again.
+    """
+    array = np.asarray(array)
+    ranks = []
+    for value in values:  # counting, not sorting: no copy of a large volume
+        below, upto = int(np.count_nonzero(array < value)), int(np.count_nonzero(array <= value))
+        ranks.append(100.0 * max((below + upto - 1) / 2.0, 0.0) / max(array.size - 1, 1))
+    return ranks
+
+
+def region_contrast(array: np.ndarray, region_values: np.ndarray,
+                    region_percentiles: tuple[float, float] = (1.0, 99.0)) -> Optional[tuple[float, float]]:
+    """Volume percentiles that map a region's own intensity range to [0, 1], or None when it has none.
+
+    A crop around small structures uses only part of the volume's 0.5-99.5 percentile range (in a
+    brain MR the bright scalp sets the top), so the structures differ by a few grey levels. Stored as
+    volume percentiles, the setting carries over to another scan of the same kind as the default does.
+    """
+    low, high = np.percentile(np.asarray(region_values, dtype=np.float64), region_percentiles)
+    if not high > low:
+        return None
+    rank_low, rank_high = percentile_ranks(array, [low, high])
+    rank_low, rank_high = max(0.0, min(rank_low, 100.0)), max(0.0, min(rank_high, 100.0))
+    return (round(rank_low, 3), round(rank_high, 3)) if rank_high - rank_low >= 0.01 else None
+
+
 def normalize_with(array: np.ndarray, settings: dict) -> np.ndarray:
     """Apply the preprocessing stored in a model's metadata."""
     if settings.get("intensity") == "window":

@@ -41,6 +41,7 @@ def test_demo_realistic_task_trains_at_product_defaults_and_scores_unseen_slices
     assert report["painted_slices"] == [51, 60, 70, 79, 88] and report["unseen_slices"] == 51
     assert set(report["dice"]) == {"caudate", "putamen", "pallidum", "thalamus", "hippocampus", "amygdala"}
     assert report["steps"] == 1 and any(d.startswith("cropping to rows") for d in report["decisions"])
+    assert any(d.startswith("intensities: the crop's own") for d in report["decisions"])
     assert {"setup", "prepare_training", "steps"} <= set(report["timings"])
     assert (tmp_path / report["overlay"]).exists()
     assert report["segmented_with_painted_slices"] and isinstance(report["removed_voxels"], dict)

@@ -61,3 +61,48 @@ def test_finetune_evaluate_segment_as_library_calls(tmp_path, tiny_vit_checkpoin
     from_files = load_task(image, labels, "k", classes=["bright", "dim"])
     assert task.axis == 0 and task.annotated == [1, 2, 3, 4] and task.class_names == ["bright", "dim"]
     assert np.array_equal(task.labels, from_files.labels) and np.array_equal(task.array, from_files.array)
+
+
+def _small_structures_volume() -> tuple[sitk.Image, sitk.Image]:
+    """A head-like phantom: a dark body inside a bright rim (scalp), two small structures a few grey levels
+    apart in its middle, painted on three slices."""
+    array = np.zeros((6, 64, 64), np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    radius = np.hypot(yy - 32, xx - 32)
+    array[:, radius < 30] = 250.0  # scalp
+    array[:, radius < 27] = 60.0  # brain
+    array[:, 28:34, 24:30] = 70.0
+    array[:, 28:34, 34:40] = 78.0
+    array += np.random.default_rng(0).normal(0, 2, array.shape).astype(np.float32)
+    labels = np.zeros(array.shape, np.uint8)
+    labels[1:5, 28:34, 24:30], labels[1:5, 28:34, 34:40] = 1, 2
+    image, label_image = sitk.GetImageFromArray(array), sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(image)
+    return image, label_image
+
+
+def test_training_contrast_follows_the_crop(tmp_path, tiny_vit_checkpoint):
+    from MedSAGaLib.volume import normalize_with, preprocessing_settings
+    from MedSAGaLib.workflow import training_preprocessing
+
+    image, labels = _small_structures_volume()
+    task = load_task(image, labels, "k")
+    settings, why = training_preprocessing(task, [1, 2, 4])
+    low, high = settings["percentiles"]
+    assert settings["intensity"] == "percentile" and 0.5 < low < high < 99.5 and "crop's own" in why
+    # the two structures lie further apart in [0, 1] than with the volume's percentiles (the scalp sets the top)
+    gap = lambda s: float(np.diff([normalize_with(task.array, s)[2][task.labels[2] == c].mean() for c in (1, 2)])[0])  # noqa: E731
+    default = preprocessing_settings(None)
+    assert gap(settings) > 2.5 * gap(default) > 0
+    # what the user asks, a resumed model's setting and no crop keep the setting they name
+    assert training_preprocessing(task, [1, 2, 4], window="percentile") == (default, None)
+    assert training_preprocessing(task, [1, 2, 4], window="60,40")[0] == preprocessing_settings((60.0, 40.0))
+    resumed = {"preprocessing": preprocessing_settings(None, (2.0, 98.0))}
+    assert training_preprocessing(task, [1, 2, 4], model_metadata=resumed) == (resumed["preprocessing"], None)
+    assert training_preprocessing(task, [1, 2, 4], crop="off") == (default, None)
+
+    # fine-tuning keeps it in the model file (segment and evaluate read it from there) and says so
+    run = finetune_volume(task, output=tmp_path / "m.medsaga", slices=[1, 2, 4], steps=1, base="vit_b",
+                          checkpoint=str(tiny_vit_checkpoint), image_size=224, device="cpu", rank=8)
+    assert read_metadata(tmp_path / "m.medsaga")["preprocessing"] == settings
+    assert any(d.startswith("intensities: the crop's own") for d in run.result.decisions)

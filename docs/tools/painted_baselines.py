@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from MedSAGaLib.models import build_base_model
     from MedSAGaLib.painted import PaintedSlices
     from MedSAGaLib.volume import normalize_with
-    from MedSAGaLib.workflow import load_task, preprocessing_for
+    from MedSAGaLib.workflow import load_task, training_preprocessing
 
     torch.set_num_threads(2)
     folder = args.folder
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     task = load_task(folder / "image.nii.gz", folder / "reference.seg.nrrd", plan["axis"])
     names, painted, test = list(task.class_names), plan["painted"], plan["test"]
     ref = np.moveaxis(task.labels, task.axis, 0)
-    array01 = normalize_with(task.array, preprocessing_for(None))  # what `medsaga finetune` feeds the model
+    # what `medsaga finetune` feeds the model: the crop's own contrast when it crops (workflow.training_preprocessing)
+    array01 = normalize_with(task.array, training_preprocessing(task, painted)[0])
     slices01 = np.moveaxis(array01, task.axis, 0)
     spacing2d, skip = task.spacing2d(), set(filter(None, args.skip.split(",")))
     results = {}
